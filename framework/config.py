@@ -1,0 +1,282 @@
+"""Recipes: YAML files read with omegaconf into dataclass schemas.
+
+A recipe may extend another (`base: ../other.yaml`, relative to the file that names it);
+`key=value` arguments override dotted keys. Every mistake — unknown or mistyped key, wrong
+type, missing value, missing file — is a `UserError` naming the key and the file, raised
+before anything is written.
+"""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+from omegaconf import DictConfig, ListConfig, MISSING, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from .errors import UserError
+
+
+@dataclass
+class RunConfig:
+    dir: str = MISSING  # run folder: recipe.yaml, metrics.jsonl, tb/, samples/, checkpoints/
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    # a .beton file, or `bundled:<name>` for a data set that ships inside a package
+    path: str = MISSING
+    resolution: int = 32
+    channels: int = 1
+    num_bits: int = 8  # n-bit quantisation of the pixels (NVAE uses 5 at 256 px)
+    batch_size: int = 32  # per rank and per micro-batch; global = batch_size * world * grad_accum
+    eval_batch_size: int = 0  # 0: same as batch_size
+    workers: int = 2
+    flip: bool = False  # random horizontal flip of training images
+    val_fraction: float = 0.1  # for bundled sets: the last fraction of the images validates
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "adamw"  # adamw | adamax
+    lr: float = 1e-3
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+
+
+@dataclass
+class ScheduleConfig:
+    warmup_steps: int = 0  # linear warm-up from 0 to optimizer.lr
+    decay: str = "cosine"  # cosine | constant (after warm-up)
+    min_lr: float = 0.0  # cosine ends here at train.steps
+
+
+@dataclass
+class EngineConfig:
+    zero_stage: int = 0  # 0..3
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (dynamic loss scaling)
+    grad_accum: int = 1
+    clip: float = 0.0  # gradient clipping by global norm; 0 disables
+    offload_optimizer: bool = False  # ZeRO-Offload of optimizer states to CPU memory
+    activation_checkpointing: str = "none"  # none | blocks
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+
+
+@dataclass
+class SkipConfig:
+    # Skip an update whose loss or gradient norm is non-finite or above these thresholds
+    # (as VDVAE does); 0 disables a threshold, non-finite values are always skipped.
+    grad_norm_threshold: float = 0.0
+    loss_threshold: float = 0.0
+    max_consecutive: int = 20  # abort the run after this many skipped updates in a row
+
+
+@dataclass
+class DebugConfig:
+    # Fault injection, used by the tests to exercise recovery paths; all off by default.
+    nan_loss_at_steps: list[int] = field(default_factory=list)
+    sleep_after_step_s: float = 0.0
+    sleep_in_checkpoint_s: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    log_every: int = 1
+    eval_every: int = 0  # 0: only at the end
+    sample_every: int = 0  # 0: only at the end
+    num_samples: int = 64
+    sample_temperature: float = 1.0
+    checkpoint_every: int = 0  # 0: only at the end (and on SIGUSR2/SIGTERM)
+    keep_checkpoints: int = 3
+    ema: float = 0.0  # EMA decay of the weights; 0 disables
+    progress: bool = True
+    skip: SkipConfig = field(default_factory=SkipConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
+
+
+@dataclass
+class LauncherConfig:
+    nodes: int = 1
+    gpus_per_node: int = 1
+    tasks_per_node: int = 0  # 0: one per GPU (one per core slot without GPUs)
+    partition: Optional[str] = None
+    time: str = "24:00:00"
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    constraint: Optional[str] = None
+    mem: Optional[str] = None
+    cpus_per_task: int = 8
+    signal_delay_s: int = 120
+    max_requeues: int = 20
+
+
+@dataclass
+class Recipe:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: Any = MISSING  # the family's own dataclass, chosen by model.family
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+
+
+CHOICES = {
+    "engine.precision": ("fp32", "bf16", "fp16"),
+    "engine.zero_stage": (0, 1, 2, 3),
+    "engine.activation_checkpointing": ("none", "blocks"),
+    "engine.optimizer.name": ("adamw", "adamax"),
+    "engine.schedule.decay": ("cosine", "constant"),
+}
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise UserError(f"recipe file not found: {path}")
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise UserError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)})")
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: a recipe must be a mapping of blocks (run, data, model, …)")
+    return data
+
+
+def _chain(path: Path, seen: tuple = ()) -> list[tuple[Path, dict]]:
+    """[(file, its keys without `base`)] from the most basic recipe to `path`."""
+    path = path.resolve()
+    if path in seen:
+        raise UserError(f"{path}: `base:` chain loops back to this file")
+    data = _read_yaml(path)
+    base = data.pop("base", None)
+    if base is None:
+        return [(path, data)]
+    if not isinstance(base, str):
+        raise UserError(f"{path}: key 'base' must be a relative path to another recipe")
+    base_path = (path.parent / base)
+    if not base_path.is_file():
+        raise UserError(f"{path}: key 'base' names a file that does not exist: {base_path}")
+    return _chain(base_path, seen + (path,)) + [(path, data)]
+
+
+def _dotted_keys(cfg: Any, prefix: str = "") -> list[str]:
+    keys = []
+    if isinstance(cfg, DictConfig):
+        for k in cfg.keys():
+            full = f"{prefix}{k}"
+            keys.append(full)
+            node = cfg._get_node(k)
+            if isinstance(node, DictConfig):
+                keys += _dotted_keys(node, full + ".")
+    return keys
+
+
+def _suggest(key: str, valid: list[str]) -> str:
+    near = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+    if not near:  # a typo in the last part only: compare within the same block
+        block, _, leaf = key.rpartition(".")
+        same = [v.rpartition(".")[2] for v in valid if v.rpartition(".")[0] == block]
+        leaf_near = difflib.get_close_matches(leaf, same, n=1, cutoff=0.5)
+        near = [f"{block}.{leaf_near[0]}" if block else leaf_near[0]] if leaf_near else []
+    return f" (did you mean '{near[0]}'?)" if near else ""
+
+
+def _explain(e: OmegaConfBaseException, where: str, schema: DictConfig) -> UserError:
+    key = getattr(e, "full_key", None) or "?"
+    if isinstance(e, ConfigKeyError):
+        return UserError(f"{where}: unknown key '{key}'{_suggest(key, _dotted_keys(schema))}")
+    if isinstance(e, ValidationError):
+        msg = str(getattr(e, "msg", e)).splitlines()[0]
+        return UserError(f"{where}: key '{key}' has the wrong type: {msg}")
+    return UserError(f"{where}: key '{key}': {str(getattr(e, 'msg', e)).splitlines()[0]}")
+
+
+def _family_of(layers: list[tuple[str, Any]]) -> tuple[str, str]:
+    family, origin = None, None
+    for where, cfg in layers:
+        model = cfg.get("model") if isinstance(cfg, (dict, DictConfig)) else None
+        if isinstance(model, (dict, DictConfig)) and "family" in model:
+            family, origin = model["family"], where
+    if family is None:
+        raise UserError(f"{layers[-1][0]}: missing required key 'model.family'")
+    return family, origin
+
+
+def _parse_overrides(overrides: list[str]) -> DictConfig:
+    for o in overrides:
+        if "=" not in o or o.startswith("="):
+            raise UserError(f"command line: override '{o}' must look like key=value")
+        if o.split("=", 1)[0].strip() == "base":
+            raise UserError("command line: 'base' cannot be overridden; write a recipe that extends it")
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as e:
+        raise UserError(f"command line: cannot parse overrides: {str(e).splitlines()[0]}")
+
+
+def load_recipe(path: str | os.PathLike, overrides: list[str] = ()) -> DictConfig:
+    """Reads, merges, overrides and validates a recipe; returns a read-only DictConfig."""
+    from .models import model_schema  # the registry (lazy: families import torch)
+
+    chain = [(str(p), OmegaConf.create(d)) for p, d in _chain(Path(path))]
+    layers = chain + [("command line", _parse_overrides(list(overrides)))]
+    family, origin = _family_of(layers)
+    schema_cls = model_schema(family, origin)
+    schema = OmegaConf.structured(Recipe(model=schema_cls()))
+    merged = schema
+    for where, cfg in layers:
+        try:
+            merged = OmegaConf.merge(merged, cfg)
+        except OmegaConfBaseException as e:
+            raise _explain(e, where, schema) from None
+    missing = sorted(OmegaConf.missing_keys(merged))
+    if missing:
+        raise UserError(f"{layers[-2][0]}: missing required value for key '{missing[0]}'")
+    try:
+        OmegaConf.resolve(merged)
+    except OmegaConfBaseException as e:
+        raise _explain(e, layers[-2][0], schema) from None
+    _check(merged, layers[-2][0])
+    OmegaConf.set_readonly(merged, True)
+    return merged
+
+
+def _check(r: DictConfig, where: str) -> None:
+    for key, allowed in CHOICES.items():
+        value = OmegaConf.select(r, key)
+        if value not in allowed:
+            raise UserError(f"{where}: key '{key}' is {value!r}; expected one of {', '.join(map(str, allowed))}")
+    positive = ["data.batch_size", "data.resolution", "engine.grad_accum", "train.steps", "train.log_every"]
+    for key in positive:
+        if OmegaConf.select(r, key) < 1:
+            raise UserError(f"{where}: key '{key}' must be at least 1")
+    if not 1 <= r.data.num_bits <= 8:
+        raise UserError(f"{where}: key 'data.num_bits' must be between 1 and 8")
+    if not r.data.path.startswith("bundled:") and not Path(r.data.path).exists():
+        raise UserError(f"{where}: key 'data.path' names a file that does not exist: {r.data.path}")
+    if r.engine.offload_optimizer and r.engine.zero_stage == 0:
+        raise UserError(f"{where}: key 'engine.offload_optimizer' needs engine.zero_stage >= 1")
+
+
+def to_yaml(recipe: DictConfig) -> str:
+    return OmegaConf.to_yaml(recipe, resolve=True)
+
+
+def recipe_hash(recipe: DictConfig) -> str:
+    return hashlib.sha256(to_yaml(recipe).encode()).hexdigest()[:12]
+
+
+def as_dict(cfg: DictConfig | ListConfig) -> Any:
+    return OmegaConf.to_container(cfg, resolve=True)

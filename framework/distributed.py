@@ -1,0 +1,125 @@
+"""Who am I in the job: rank, local rank, world size and master address.
+
+Read from torchrun's variables, else from SLURM's, else a single process. The result is
+exported as the variables torch.distributed and DeepSpeed read (so DeepSpeed never goes
+looking for MPI) and the process group is started: gloo on the CPU, nccl on CUDA.
+"""
+from __future__ import annotations
+
+import os
+import re
+import socket
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    local_rank: int
+    world_size: int
+    master_addr: str
+    master_port: int
+    source: str  # torchrun | slurm | single
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cuda", self.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+
+    @property
+    def backend(self) -> str:
+        return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def first_host(nodelist: str) -> str:
+    """First host of a Slurm node list: 'gpu[03-05,07],cpu1' -> 'gpu03'."""
+    nodelist = nodelist.strip()
+    m = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist)
+    if not m:
+        raise ValueError(f"cannot parse SLURM_JOB_NODELIST={nodelist!r}")
+    prefix, bracket = m.group(1), m.group(3)
+    if bracket is None:
+        return prefix
+    first = bracket.split(",")[0].split("-")[0]
+    return prefix + first
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _slurm_port(job_id: str) -> int:
+    # Every task of the job must agree on the port without talking to each other.
+    return 20000 + int(job_id) % 20000 if job_id.isdigit() else 29500
+
+
+def detect(environ=os.environ) -> DistEnv:
+    e = environ
+    if "RANK" in e and "WORLD_SIZE" in e:
+        return DistEnv(int(e["RANK"]), int(e.get("LOCAL_RANK", 0)), int(e["WORLD_SIZE"]),
+                       e.get("MASTER_ADDR", "127.0.0.1"), int(e.get("MASTER_PORT", 29500)), "torchrun")
+    if "SLURM_PROCID" in e and "SLURM_NTASKS" in e and int(e["SLURM_NTASKS"]) > 1:
+        nodelist = e.get("SLURM_JOB_NODELIST") or e.get("SLURM_NODELIST") or "127.0.0.1"
+        addr = e.get("MASTER_ADDR") or first_host(nodelist)
+        port = int(e.get("MASTER_PORT") or _slurm_port(e.get("SLURM_JOB_ID", "")))
+        return DistEnv(int(e["SLURM_PROCID"]), int(e.get("SLURM_LOCALID", 0)), int(e["SLURM_NTASKS"]),
+                       addr, port, "slurm")
+    return DistEnv(0, 0, 1, "127.0.0.1", _free_port(), "single")
+
+
+def _quiet_deepspeed() -> None:
+    import logging
+
+    from deepspeed.utils import logger
+
+    logger.setLevel(logging.WARNING)
+
+
+def init(env: DistEnv | None = None) -> DistEnv:
+    """Exports the job's coordinates and starts the process group (idempotent)."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    env = env or detect()
+    os.environ.update(RANK=str(env.rank), LOCAL_RANK=str(env.local_rank), WORLD_SIZE=str(env.world_size),
+                      LOCAL_SIZE=os.environ.get("LOCAL_WORLD_SIZE", str(env.world_size)),
+                      MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port))
+    import deepspeed
+
+    _quiet_deepspeed()
+    if torch.cuda.is_available():
+        torch.cuda.set_device(env.local_rank)
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend=env.backend, auto_mpi_discovery=False,
+                                   verbose=False, rank=env.rank, world_size=env.world_size)
+    return env
+
+
+def barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(t)
+    return t
+
+
+def broadcast_object(obj, src: int = 0):
+    if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def shutdown() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

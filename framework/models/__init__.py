@@ -1,0 +1,29 @@
+"""The registry of model families: family name -> the module that holds its schema and task.
+
+Adding a family touches framework/models/<family>/, recipes/<family>/ and one line here.
+Each family module defines `ModelConfig` (a dataclass with a `family` field) and `Task`.
+"""
+from __future__ import annotations
+
+import importlib
+
+from ..errors import UserError
+
+FAMILIES = {
+    "vae": "framework.models.vae",
+    "dcgan": "framework.models.dcgan",
+}
+
+
+def family_module(name: str, where: str = "recipe"):
+    if name not in FAMILIES:
+        raise UserError(f"{where}: key 'model.family' is {name!r}; known families: {', '.join(sorted(FAMILIES))}")
+    return importlib.import_module(FAMILIES[name])
+
+
+def model_schema(name: str, where: str = "recipe"):
+    return family_module(name, where).ModelConfig
+
+
+def build_task(recipe, env):
+    return family_module(recipe.model.family).Task(recipe, env)
