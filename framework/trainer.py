@@ -225,17 +225,17 @@ class Trainer:
     # -- the loop ----------------------------------------------------------------------------
     def _start(self) -> None:
         r, env = self.recipe, self.env
-        if env.is_main:
-            (self.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-            _write_atomic(self.run_dir / "recipe.yaml", to_yaml(r))
-        dist.barrier()
         self.ckpt.clean_partial()
         latest = dist.broadcast_object(latest_checkpoint(self.run_dir / "checkpoints") if env.is_main else None)
-        if latest is not None:
+        if latest is not None:  # loaded before anything is written: a refused resume changes nothing
             state = self.ckpt.load(Path(latest), self.engines, self.ema)
             self.step = state["step"]
             self.skipped_total = state["skipped_total"]
             self.consecutive_skips = state["consecutive_skips"]
+        if env.is_main:
+            (self.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+            _write_atomic(self.run_dir / "recipe.yaml", to_yaml(r))
+        dist.barrier()
         self.log = MetricsLog(self.run_dir, self.step, env.is_main)
         if env.is_main:
             d = self.train_data

@@ -1,0 +1,40 @@
+# Set-up is two commands: `make demo` and `make test`; both create .venv and install what is missing.
+PYTHON ?= python3.11
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+# Debian packages FFCV builds against; slurm/local_cluster.sh installs Slurm's own.
+APT_PACKAGES ?= pkg-config libopencv-dev libturbojpeg0-dev
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
+
+.PHONY: setup system-deps demo test bench clean-runs
+
+setup: $(STAMP)
+
+system-deps:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing \
+	  || { $$SUDO apt-get update -q && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; }; \
+	fi
+
+$(STAMP): pyproject.toml | system-deps
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+demo: setup
+	$(PY) -m framework.train recipes/vae/mnist5k.yaml $(ARGS)
+
+test: setup
+	$(PY) -m pytest -q tests $(ARGS)
+
+bench: setup
+	$(PY) tools/bench/engine_overhead.py
+
+clean-runs:
+	rm -rf runs
