@@ -90,3 +90,4 @@ def test_resume_with_another_world_size_is_refused(run_dir):
     assert p.returncode == 2
     assert "written by world size 2, this run has world size 1" in p.stderr
     assert (run_dir / "checkpoints" / "step_00000002" / "trainer.json").exists()
+    assert "steps: 2\n" in (run_dir / "recipe.yaml").read_text()  # the refused attempt changed nothing
