@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 import torch
 from omegaconf import DictConfig
 
+from .errors import UserError
+
 OPTIMIZERS = {"adamw": torch.optim.AdamW, "adamax": torch.optim.Adamax}
 
 
@@ -157,7 +159,14 @@ class Engine:
 def build_engine(name: str, module: torch.nn.Module, cfg: DictConfig, micro_batch: int, world_size: int,
                  total_steps: int, threshold: float = 0.0, param_groups=None) -> Engine:
     import deepspeed
+    from deepspeed.accelerator import get_accelerator
 
+    if cfg.precision == "fp16" and not get_accelerator().is_fp16_supported():
+        raise UserError(f"engine.precision: fp16 is not supported by DeepSpeed's "
+                        f"{get_accelerator().device_name()} accelerator on this machine; use bf16 or fp32")
+    if cfg.precision == "bf16" and not get_accelerator().is_bf16_supported():
+        raise UserError(f"engine.precision: bf16 is not supported by DeepSpeed's "
+                        f"{get_accelerator().device_name()} accelerator on this machine; use fp32")
     opt_cfg = cfg.optimizer
     cls = gated(OPTIMIZERS[opt_cfg.name])
     params = param_groups if param_groups is not None else [p for p in module.parameters() if p.requires_grad]

@@ -6,6 +6,7 @@ how to sample. The trainer owns everything else: engines, data, skips, EMA, chec
 """
 from __future__ import annotations
 
+import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -25,7 +26,9 @@ class StepContext:
     rank: int
     world_size: int
     batch_size: int  # per rank, per micro-batch
+    grad_accum: int
     seed: int
+    stream: str = ""  # the engine being trained: its loss draws noise of its own
     _draws: int = field(default=0)
 
     def model(self, name: str):
@@ -49,20 +52,22 @@ class StepContext:
     def randn(self, *shape: int, batch: int | None = None) -> torch.Tensor:
         """Standard normal noise of shape (batch_size, *shape) for this rank's micro-batch.
 
-        Drawn for the whole global batch from (seed, step, micro, draw) and sliced, so each
-        image gets the same noise whatever the world size: 1 process with batch 2B and 2 with
-        batch B train the same model. A `batch` other than batch_size (the short last batch of
+        Drawn for the whole global batch from (seed, step, draw) and sliced like the loader
+        slices the images, so each image gets the same noise whatever the world size and the
+        accumulation: 1 process with batch 2B, 2 with batch B, or 1 with B and 2 micro-batches
+        train the same model. A `batch` other than batch_size (the short last batch of
         evaluation) draws this rank's rows only.
         """
         self._draws += 1
         if batch is not None and batch != self.batch_size:
             g = torch.Generator().manual_seed(int(np.random.SeedSequence(
-                [self.seed, 8, self.step, self.micro, self._draws, self.rank]).generate_state(1)[0]))
+                [self.seed, 8, zlib.crc32(self.stream.encode()), self.step, self.micro, self._draws, self.rank]).generate_state(1)[0]))
             return torch.randn((batch, *shape), generator=g).to(self.device, self.dtype)
         g = torch.Generator().manual_seed(int(np.random.SeedSequence(
-            [self.seed, 7, self.step, self.micro, self._draws]).generate_state(1)[0]))
-        full = torch.randn((self.batch_size * self.world_size, *shape), generator=g)
-        mine = full[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+            [self.seed, 7, zlib.crc32(self.stream.encode()), self.step, self._draws]).generate_state(1)[0]))
+        full = torch.randn((self.batch_size * self.world_size * self.grad_accum, *shape), generator=g)
+        chunk = self.micro * self.world_size + self.rank  # the loader's layout of a global step
+        mine = full[chunk * self.batch_size:(chunk + 1) * self.batch_size]
         return mine.to(self.device, self.dtype)
 
 

@@ -138,10 +138,11 @@ class Trainer:
         self.stop = _StopSignal()
 
     # -- pieces of a step -------------------------------------------------------------------
-    def _ctx(self, step: int, micro: int, batch_size: int | None = None) -> StepContext:
+    def _ctx(self, step: int, micro: int, batch_size: int | None = None, stream: str = "") -> StepContext:
         return StepContext(step=step, micro=micro, engines=self.engines, device=self.device, dtype=self.dtype,
                            rank=self.env.rank, world_size=self.env.world_size,
-                           batch_size=batch_size or self.recipe.data.batch_size, seed=self.recipe.run.seed)
+                           batch_size=batch_size or self.recipe.data.batch_size,
+                           grad_accum=self.recipe.engine.grad_accum, seed=self.recipe.run.seed, stream=stream)
 
     def _train_engine(self, name: str, micro_batches, step: int) -> tuple[dict, object]:
         r, eng = self.recipe, self.engines[name]
@@ -149,7 +150,7 @@ class Trainer:
         totals: dict[str, torch.Tensor] = {}
         for m, xb in enumerate(micro_batches):
             x = to_model_input(xb, r.data.num_bits, self.device, self.dtype)
-            loss, metrics = self.task.loss(name, x, self._ctx(step, m))
+            loss, metrics = self.task.loss(name, x, self._ctx(step, m, stream=name))
             if name == self.main and (step + 1) in r.train.debug.nan_loss_at_steps:
                 loss = loss * float("nan")  # fault injection (tests): a non-finite loss
             eng.backward(loss)
