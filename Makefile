@@ -27,7 +27,11 @@ $(STAMP): pyproject.toml | system-deps
 	$(PY) -m pip install -q -e '.[dev]'
 	@touch $(STAMP)
 
-demo: setup
+data/mnist5k.beton: | setup
+	mkdir -p data
+	$(PY) tools/write_ffcv.py bundled:mnist5k $@
+
+demo: setup data/mnist5k.beton
 	$(PY) -m framework.train recipes/vae/mnist5k.yaml $(ARGS)
 
 test: setup

@@ -29,8 +29,7 @@ class RunConfig:
 
 @dataclass
 class DataConfig:
-    # a .beton file, or `bundled:<name>` for a data set that ships inside a package
-    path: str = MISSING
+    path: str = MISSING  # a .beton file written by tools/write_ffcv.py
     resolution: int = 32
     channels: int = 1
     num_bits: int = 8  # n-bit quantisation of the pixels (NVAE uses 5 at 256 px)
@@ -38,7 +37,6 @@ class DataConfig:
     eval_batch_size: int = 0  # 0: same as batch_size
     workers: int = 2
     flip: bool = False  # random horizontal flip of training images
-    val_fraction: float = 0.1  # for bundled sets: the last fraction of the images validates
 
 
 @dataclass
@@ -264,8 +262,9 @@ def _check(r: DictConfig, where: str) -> None:
             raise UserError(f"{where}: key '{key}' must be at least 1")
     if not 1 <= r.data.num_bits <= 8:
         raise UserError(f"{where}: key 'data.num_bits' must be between 1 and 8")
-    if not r.data.path.startswith("bundled:") and not Path(r.data.path).exists():
-        raise UserError(f"{where}: key 'data.path' names a file that does not exist: {r.data.path}")
+    if not Path(r.data.path).is_file():
+        raise UserError(f"{where}: key 'data.path' names a file that does not exist: {r.data.path} "
+                        "(write it with tools/write_ffcv.py)")
     if r.engine.offload_optimizer and r.engine.zero_stage == 0:
         raise UserError(f"{where}: key 'engine.offload_optimizer' needs engine.zero_stage >= 1")
 

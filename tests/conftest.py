@@ -14,12 +14,25 @@ REPO = Path(__file__).resolve().parent.parent
 VAE = str(REPO / "recipes" / "vae" / "mnist5k.yaml")
 DCGAN = str(REPO / "recipes" / "dcgan" / "mnist5k.yaml")
 
+# The bundled MNIST digits as a real .beton, written once per machine (content is deterministic).
+MNIST_BETON = REPO / ".cache" / "test_data" / "mnist5k.beton"
+
+
+def pytest_configure(config):
+    if not MNIST_BETON.exists():
+        from framework.data import sources
+        from framework.data.write import write_beton
+
+        MNIST_BETON.parent.mkdir(parents=True, exist_ok=True)
+        write_beton(sources.mnist5k(0.1), MNIST_BETON, 32, "raw", progress=False)
+
+
 # Small enough for 2 CPU cores, same code paths as the real recipe.
-TINY_VAE = ["model.width=8", "model.latent_dim=8", "model.num_mix=2", "data.batch_size=8",
+TINY_VAE = [f"data.path={MNIST_BETON}", "model.width=8", "model.latent_dim=8", "model.num_mix=2", "data.batch_size=8",
             "data.eval_batch_size=64", "train.progress=false", "train.eval_every=0", "train.sample_every=0",
             "train.num_samples=4", "engine.schedule.warmup_steps=2", "train.ema=0.99"]
-TINY_GAN = ["model.width=8", "model.z_dim=8", "data.batch_size=8", "train.progress=false", "train.num_samples=4",
-            "data.val_fraction=0.02"]
+TINY_GAN = [f"data.path={MNIST_BETON}", "model.width=8", "model.z_dim=8", "data.batch_size=8",
+            "train.progress=false", "train.num_samples=4"]
 
 
 def free_port() -> int:

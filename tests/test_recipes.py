@@ -5,7 +5,7 @@ import sys
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import REPO, VAE, env
+from conftest import MNIST_BETON, REPO, VAE, env
 from framework.config import load_recipe
 from framework.errors import UserError
 
@@ -16,7 +16,8 @@ def write(path, text):
 
 
 def test_base_and_overrides_merge(tmp_path):
-    child = write(tmp_path / "child.yaml", f"base: {VAE}\nrun: {{dir: {tmp_path}/x}}\nmodel: {{width: 12}}\n")
+    child = write(tmp_path / "child.yaml", f"base: {VAE}\nrun: {{dir: {tmp_path}/x}}\nmodel: {{width: 12}}\n"
+                  f"data: {{path: {MNIST_BETON}}}\n")
     r = load_recipe(child, ["engine.zero_stage=3", "train.steps=7"])
     assert r.model.width == 12 and r.model.latent_dim == 32  # from the child / from the base
     assert r.engine.zero_stage == 3 and r.train.steps == 7
@@ -36,13 +37,13 @@ def test_base_and_overrides_merge(tmp_path):
 ])
 def test_bad_override_names_the_key(overrides, expected):
     with pytest.raises(UserError, match=None) as e:
-        load_recipe(VAE, overrides)
+        load_recipe(VAE, [f"data.path={MNIST_BETON}", *overrides])
     assert expected in str(e.value)
     assert "\n" not in str(e.value)
 
 
 def test_bad_key_in_file_names_the_file(tmp_path):
-    bad = write(tmp_path / "bad.yaml", f"base: {VAE}\nengine: {{optimiser: {{lr: 1}}}}\n")
+    bad = write(tmp_path / "bad.yaml", f"base: {VAE}\ndata: {{path: {MNIST_BETON}}}\nengine: {{optimiser: {{lr: 1}}}}\n")
     with pytest.raises(UserError) as e:
         load_recipe(bad)
     assert str(bad) in str(e.value) and "engine.optimiser" in str(e.value) and "engine.optimizer" in str(e.value)
@@ -55,7 +56,7 @@ def test_missing_base_file_is_named(tmp_path):
 
 
 def test_missing_required_value(tmp_path):
-    bad = write(tmp_path / "bad.yaml", "model: {family: vae}\ndata: {path: 'bundled:mnist5k'}\n")
+    bad = write(tmp_path / "bad.yaml", f"model: {{family: vae}}\ndata: {{path: {MNIST_BETON}}}\n")
     with pytest.raises(UserError, match="missing required value for key 'run.dir'"):
         load_recipe(bad)
 
@@ -66,7 +67,8 @@ def test_missing_required_value(tmp_path):
 ])
 def test_cli_bad_recipe_exits_2_and_creates_nothing(tmp_path, overrides, expected):
     run_dir = tmp_path / "never"
-    p = subprocess.run([sys.executable, "-m", "framework.train", VAE, f"run.dir={run_dir}", *overrides],
+    p = subprocess.run([sys.executable, "-m", "framework.train", VAE, f"run.dir={run_dir}",
+                        f"data.path={MNIST_BETON}", *overrides],
                        cwd=REPO, env=env(), capture_output=True, text=True, timeout=120)
     assert p.returncode == 2, p.stderr
     lines = [ln for ln in p.stderr.splitlines() if ln.startswith("error:")]
@@ -82,5 +84,5 @@ def test_cli_missing_recipe_file(tmp_path):
 
 def test_every_recipe_in_the_repo_loads():
     for path in sorted((REPO / "recipes").rglob("*.yaml")):
-        r = load_recipe(path)
+        r = load_recipe(path, [f"data.path={MNIST_BETON}"])
         assert OmegaConf.select(r, "model.family")
