@@ -194,3 +194,24 @@ def test_bundled_photos_are_256px_crops(tmp_path):
     assert len(set(s.labels.tolist())) > 1
     again = sources.photos(64, 12, 0.25, seed=3)
     assert np.array_equal(s.arrays, again.arrays)
+
+
+def test_flip_mirrors_some_images_the_same_way_for_the_same_seed_and_epoch(raw_beton):
+    path, x, _ = raw_beton
+    info = BetonInfo(path)
+
+    def flipped(seed, step):
+        ld = TrainLoader(info, GlobalOrder(info.ids("train"), 16, 1, 0, 1, seed), 3, 2, flip=True)
+        (batch,) = ld.batch(step)
+        (idx,) = ld.indices(step)
+        plain = torch.from_numpy(x[idx]).permute(0, 3, 1, 2)
+        same = [torch.equal(b, p) for b, p in zip(batch, plain)]
+        mirrored = [torch.equal(b, p.flip(-1)) for b, p in zip(batch, plain)]
+        assert all(s or m for s, m in zip(same, mirrored))
+        return mirrored
+
+    a = flipped(0, 1)
+    assert 0 < sum(a) < len(a)
+    assert flipped(0, 1) == a
+    spe = len(info.ids("train")) // 16
+    assert flipped(0, 1 + spe) != a or flipped(1, 1) != a  # a new epoch or seed flips other images
