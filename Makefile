@@ -37,8 +37,9 @@ demo: setup data/mnist5k.beton
 test: setup
 	$(PY) -m pytest -q tests $(ARGS)
 
-bench: setup
+bench: setup data/mnist5k.beton
 	$(PY) tools/bench/engine_overhead.py
+	$(PY) tools/bench/loader.py
 
 clean-runs:
 	rm -rf runs

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
 import statistics
 import sys
@@ -27,21 +28,24 @@ from framework import distributed  # noqa: E402
 from framework.config import load_recipe  # noqa: E402
 from framework.data import build_loaders, to_model_input  # noqa: E402
 from framework.engine import build_engine, lr_at  # noqa: E402
+from framework.errors import run_cli  # noqa: E402
 from framework.models.vae.model import VAE  # noqa: E402
 
 RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "vae" / "mnist5k.yaml"
 
 
-def main() -> None:
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--steps", type=int, default=30, help="steps per timed block")
     ap.add_argument("--rounds", type=int, default=5, help="alternating blocks per contender")
     ap.add_argument("--stages", default="2", help="ZeRO stages to time, e.g. 0,2")
-    args = ap.parse_args()
+    ap.add_argument("--data", default="data/mnist5k.beton",
+                    help="the demo's .beton (make data/mnist5k.beton writes it)")
+    args = ap.parse_args(argv)
 
+    r = load_recipe(RECIPE, [f"data.batch_size={args.batch}", "run.dir=/tmp/unused", f"data.path={args.data}"])
     env = distributed.init()
-    r = load_recipe(RECIPE, [f"data.batch_size={args.batch}", "run.dir=/tmp/unused"])
     torch.manual_seed(0)
     m, d = r.model, r.data
     base = VAE(d.channels, d.resolution, m.width, m.latent_dim, m.num_mix, m.blocks_per_scale, d.num_bits)
@@ -63,7 +67,8 @@ def main() -> None:
 
     contenders = {"plain_pytorch": plain_step}
     for stage in [int(s) for s in args.stages.split(",")]:
-        cfg = load_recipe(RECIPE, [f"engine.zero_stage={stage}", "run.dir=/tmp/unused"]).engine
+        cfg = load_recipe(RECIPE, [f"engine.zero_stage={stage}", "run.dir=/tmp/unused",
+                                   f"data.path={args.data}"]).engine
         eng = build_engine(f"zero{stage}", copy.deepcopy(base), cfg, args.batch, 1, 1000)
 
         def engine_step(i, eng=eng):
@@ -88,6 +93,7 @@ def main() -> None:
         "benchmark": "engine_overhead",
         "settings": {"model": "vae (recipes/vae/mnist5k.yaml)", "batch": args.batch, "precision": "fp32",
                      "device": "cpu", "threads": torch.get_num_threads(), "processes": 1,
+                     "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
                      "timed_steps_per_contender": args.steps * args.rounds, "rounds": args.rounds,
                      "torch": torch.__version__, "machine": platform.processor() or platform.machine()},
         "median_ms_per_step": {k: round(v, 2) for k, v in ms.items()},
@@ -99,4 +105,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))
