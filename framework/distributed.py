@@ -106,6 +106,10 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
+def world_size() -> int:
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         torch.distributed.all_reduce(t)

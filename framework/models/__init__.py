@@ -12,6 +12,7 @@ from ..errors import UserError
 FAMILIES = {
     "vae": "framework.models.vae",
     "dcgan": "framework.models.dcgan",
+    "nvae": "framework.models.nvae",
 }
 
 

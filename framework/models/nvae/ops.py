@@ -1,0 +1,243 @@
+"""NVAE's building blocks (Vahdat & Kautz 2020, NVlabs/NVAE `neural_operations.py`, re-written).
+
+Shapes in comments are (B, C, H, W). Every convolution is a `Conv2D`: weight-normalised unless
+told otherwise (w_eff = exp(log_weight_norm) * w / (||w|| + 1e-5), log_weight_norm initialised to
+log(||w|| + 0.01)), optionally masked (the autoregressive convolutions of the flows), and
+carrying the power-iteration vectors of the spectral regulariser as buffers so that they are
+saved in checkpoints and restored on resume.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ... import distributed as dist
+
+BN_EPS = 1e-5
+BN_MOMENTUM = 0.05
+CHANNEL_MULT = 2
+
+
+class Conv2D(nn.Conv2d):
+    def __init__(self, c_in, c_out, kernel_size, stride=1, padding=0, dilation=1, groups=1, bias=False,
+                 weight_norm=True, mask: torch.Tensor | None = None):
+        super().__init__(c_in, c_out, kernel_size, stride, padding, dilation, groups, bias)
+        if mask is not None:
+            self.register_buffer("mask", mask.to(self.weight.dtype), persistent=False)
+        else:
+            self.mask = None
+        self.log_weight_norm = None
+        if weight_norm:
+            w = self.weight if mask is None else self.weight * self.mask
+            init = torch.log(w.detach().flatten(1).norm(dim=1).view(-1, 1, 1, 1) + 1e-2)
+            self.log_weight_norm = nn.Parameter(init)
+        # spectral regulariser: left/right singular vector estimates of w_eff.reshape(C_out, -1)
+        fan_in = self.weight[0].numel()
+        self.register_buffer("sr_u", torch.zeros(c_out))
+        self.register_buffer("sr_v", torch.zeros(fan_in))
+        self.register_buffer("sr_ready", torch.zeros((), dtype=torch.bool))
+
+    def effective_weight(self) -> torch.Tensor:
+        w = self.weight if self.mask is None else self.weight * self.mask
+        if self.log_weight_norm is None:
+            return w
+        norm = torch.sqrt(torch.sum(w * w, dim=[1, 2, 3])).view(-1, 1, 1, 1)
+        return torch.exp(self.log_weight_norm) * w / (norm + 1e-5)
+
+    def forward(self, x):
+        return F.conv2d(x, self.effective_weight(), self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class SyncBatchNorm(nn.BatchNorm2d):
+    """BatchNorm whose training statistics cover the global batch: the per-channel sums are
+    all-reduced (with gradients) over the ranks, so 2 processes with batch B normalise exactly
+    like 1 process with batch 2B (NVAE uses SyncBN for the same reason). One rank: plain BN."""
+
+    def forward(self, x):
+        world = dist.world_size()
+        if not self.training or world == 1:
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce
+
+        c = x.shape[1]
+        shift = self.running_mean.detach().view(1, c, 1, 1)  # equal on every rank; limits cancellation
+        xs = x.float() - shift
+        n = torch.tensor([float(x.numel() // c)], device=x.device)
+        stats = all_reduce(torch.cat([xs.sum(dim=[0, 2, 3]), (xs * xs).sum(dim=[0, 2, 3]), n]))
+        count = stats[-1]
+        mean_s = stats[:c] / count
+        var = (stats[c:2 * c] / count - mean_s * mean_s).clamp(min=0)
+        mean = mean_s + shift.view(c)
+        with torch.no_grad():
+            self.num_batches_tracked += 1
+            m = self.momentum
+            self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+            self.running_var.mul_(1 - m).add_(var.detach() * count / (count - 1).clamp(min=1), alpha=m)
+        y = (xs - mean_s.view(1, c, 1, 1)) * torch.rsqrt(var.view(1, c, 1, 1) + self.eps)
+        if self.affine:
+            y = y * self.weight.view(1, c, 1, 1) + self.bias.view(1, c, 1, 1)
+        return y.to(x.dtype)
+
+
+def batchnorm(c: int, eps: float = BN_EPS) -> SyncBatchNorm:
+    return SyncBatchNorm(c, eps=eps, momentum=BN_MOMENTUM)
+
+
+class BNSwish(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.bn = batchnorm(c)
+
+    def forward(self, x):
+        return F.silu(self.bn(x))
+
+
+class BNSwishConv(nn.Module):
+    """'res_bnswish': BN -> Swish -> [nearest x2 if stride -1] -> WN conv 3x3 (bias)."""
+
+    def __init__(self, c_in, c_out, stride):
+        super().__init__()
+        self.upsample = stride == -1
+        self.bn_act = BNSwish(c_in)
+        self.conv = Conv2D(c_in, c_out, 3, stride=abs(stride), padding=1, bias=True)
+
+    def forward(self, x):
+        x = self.bn_act(x)
+        if self.upsample:
+            x = F.interpolate(x, scale_factor=2, mode="nearest")
+        return self.conv(x)
+
+
+class ConvBNSwish(nn.Module):
+    def __init__(self, c_in, c_out, k=1, stride=1, groups=1, dilation=1):
+        super().__init__()
+        self.conv = Conv2D(c_in, c_out, k, stride, dilation * (k - 1) // 2, dilation, groups, bias=False,
+                           weight_norm=False)
+        self.bn_act = BNSwish(c_out)
+
+    def forward(self, x):
+        return self.bn_act(self.conv(x))
+
+
+class InvertedResidual(nn.Module):
+    """'mconv_e{ex}k{k}g0': [nearest x2] -> BN -> 1x1 expand (BN, Swish) -> depthwise kxk (BN, Swish)
+    -> 1x1 project -> BN. The projection is not weight-normalised (but spectrally regularised)."""
+
+    def __init__(self, c_in, c_out, stride, ex, k=5, dilation=1):
+        super().__init__()
+        hidden = int(round(c_in * ex))
+        layers = [nn.UpsamplingNearest2d(scale_factor=2)] if stride == -1 else []
+        layers += [batchnorm(c_in), ConvBNSwish(c_in, hidden, k=1),
+                   ConvBNSwish(hidden, hidden, k=k, stride=abs(stride), groups=hidden, dilation=dilation),
+                   Conv2D(hidden, c_out, 1, bias=False, weight_norm=False), batchnorm(c_out)]
+        self.conv = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+class SE(nn.Module):
+    """Squeeze and excitation: x * sigmoid(MLP(mean_hw(x)))."""
+
+    def __init__(self, c_in, c_out):
+        super().__init__()
+        hidden = max(c_out // 16, 4)
+        self.se = nn.Sequential(nn.Linear(c_in, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, c_out), nn.Sigmoid())
+
+    def forward(self, x):
+        return x * self.se(x.mean(dim=[2, 3]))[:, :, None, None]
+
+
+class FactorizedReduce(nn.Module):
+    """The skip of a down cell: Swish, then four 1x1 stride-2 convs on shifted grids, concatenated."""
+
+    def __init__(self, c_in, c_out):
+        super().__init__()
+        q = c_out // 4
+        self.convs = nn.ModuleList([Conv2D(c_in, q, 1, stride=2, bias=True) for _ in range(3)] +
+                                   [Conv2D(c_in, c_out - 3 * q, 1, stride=2, bias=True)])
+
+    def forward(self, x):
+        x = F.silu(x)
+        parts = [x, x[:, :, 1:, 1:], x[:, :, :, 1:], x[:, :, 1:, :]]
+        return torch.cat([conv(p) for conv, p in zip(self.convs, parts)], dim=1)
+
+
+class UpSkip(nn.Module):
+    """The skip of an up cell: bilinear x2 (align_corners), then a 1x1 WN conv halving channels."""
+
+    def __init__(self, c_in):
+        super().__init__()
+        self.conv = Conv2D(c_in, c_in // CHANNEL_MULT, 1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=True))
+
+
+# The res_mbconv architecture of the reference: which operations each kind of cell holds.
+ARCH = {
+    "normal_pre": ("res_bnswish", "res_bnswish"), "down_pre": ("res_bnswish", "res_bnswish"),
+    "normal_enc": ("res_bnswish", "res_bnswish"), "down_enc": ("res_bnswish", "res_bnswish"),
+    "normal_dec": ("mconv_e6k5g0",), "up_dec": ("mconv_e6k5g0",),
+    "normal_post": ("mconv_e3k5g0",), "up_post": ("mconv_e3k5g0",),
+}
+
+
+def _op(name: str, c_in: int, c_out: int, stride: int) -> nn.Module:
+    if name == "res_bnswish":
+        return BNSwishConv(c_in, c_out, stride)
+    if name == "mconv_e6k5g0":
+        return InvertedResidual(c_in, c_out, stride, ex=6, k=5)
+    if name == "mconv_e3k5g0":
+        return InvertedResidual(c_in, c_out, stride, ex=3, k=5)
+    raise ValueError(name)
+
+
+def _stride(cell_type: str) -> int:
+    return 2 if cell_type.startswith("down") else -1 if cell_type.startswith("up") else 1
+
+
+class Cell(nn.Module):
+    """skip(x) + 0.1 * SE(ops(x)); down cells halve H, W and double C, up cells the reverse."""
+
+    def __init__(self, c_in, c_out, cell_type, use_se=True):
+        super().__init__()
+        self.cell_type = cell_type
+        stride = _stride(cell_type)
+        self.skip = (nn.Identity() if stride == 1 else FactorizedReduce(c_in, CHANNEL_MULT * c_in) if stride == 2
+                     else UpSkip(c_in))
+        ops = ARCH[cell_type]
+        self.ops = nn.ModuleList([_op(p, c_in if i == 0 else c_out, c_out, stride if i == 0 else 1)
+                                  for i, p in enumerate(ops)])
+        self.se = SE(c_out, c_out) if use_se else None
+
+    def forward(self, x):
+        s = x
+        for op in self.ops:
+            s = op(s)
+        if self.se is not None:
+            s = self.se(s)
+        return self.skip(x) + 0.1 * s
+
+
+class EncCombiner(nn.Module):
+    """Encoder feature + 1x1 WN conv of the decoder's state at the same group."""
+
+    def __init__(self, c_enc, c_dec):
+        super().__init__()
+        self.conv = Conv2D(c_dec, c_enc, 1, bias=True)
+
+    def forward(self, x_enc, s_dec):
+        return x_enc + self.conv(s_dec)
+
+
+class DecCombiner(nn.Module):
+    """1x1 WN conv of [decoder state, z] concatenated."""
+
+    def __init__(self, c, num_z):
+        super().__init__()
+        self.conv = Conv2D(c + num_z, c, 1, bias=True)
+
+    def forward(self, s, z):
+        return self.conv(torch.cat([s, z], dim=1))
