@@ -5,6 +5,8 @@ Normal: mu = 5 tanh(mu / 5), sigma = exp(5 tanh(log_sigma / 5)) + 0.01, times th
 DiscMixLogistic: 10 parameters per component for RGB (logit, and per channel mean, log-scale
 >= -7, tanh coefficient), channel-autoregressive means, bins of half-width 1 / (2^b - 1), the
 lowest level owning the left tail (x < -0.999) and the highest the right tail (x > 0.99).
+One change of numerics, not of value: a bin above the mean takes its mass from the upper tails,
+sigma(-lo) - sigma(-hi), where the reference's sigma(hi) - sigma(lo) cancels in float32.
 """
 from __future__ import annotations
 
@@ -65,10 +67,13 @@ class DiscMixLogistic:
         inv_s = torch.exp(-self.log_scales)
         plus_in = inv_s * (centered + 1.0 / self.max_val)
         min_in = inv_s * (centered - 1.0 / self.max_val)
-        cdf_delta = torch.sigmoid(plus_in) - torch.sigmoid(min_in)
+        mid_in = inv_s * centered
+        # the bin's mass; above the mean both CDFs are near 1, so take it from the upper tails
+        # (same value, no cancellation in float32)
+        cdf_delta = torch.where(mid_in > 0, torch.sigmoid(-min_in) - torch.sigmoid(-plus_in),
+                                torch.sigmoid(plus_in) - torch.sigmoid(min_in))
         log_cdf_plus = plus_in - F.softplus(plus_in)
         log_one_minus_cdf_min = -F.softplus(min_in)
-        mid_in = inv_s * centered
         log_pdf_mid = mid_in - self.log_scales - 2.0 * F.softplus(mid_in)
         log_mid = torch.where(cdf_delta > 1e-5, torch.log(cdf_delta.clamp(min=1e-10)),
                               log_pdf_mid - math.log(self.max_val / 2))

@@ -49,32 +49,51 @@ class Conv2D(nn.Conv2d):
         return F.conv2d(x, self.effective_weight(), self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 
+def _in_backward() -> bool:
+    """True while autograd runs a backward pass, i.e. when activation checkpointing recomputes."""
+    return torch._C._current_graph_task_id() != -1
+
+
 class SyncBatchNorm(nn.BatchNorm2d):
     """BatchNorm whose training statistics cover the global batch: the per-channel sums are
     all-reduced (with gradients) over the ranks, so 2 processes with batch B normalise exactly
-    like 1 process with batch 2B (NVAE uses SyncBN for the same reason). One rank: plain BN."""
+    like 1 process with batch 2B (NVAE uses SyncBN for the same reason). One rank: plain BN.
+    A forward recomputed by activation checkpointing does not update the running statistics
+    a second time."""
 
     def forward(self, x):
+        if not self.training:
+            return super().forward(x)
+        recompute = _in_backward()
         world = dist.world_size()
-        if not self.training or world == 1:
+        if world == 1:
+            if recompute:  # the same ops as the first forward, updating throw-away statistics
+                return F.batch_norm(x, self.running_mean.clone(), self.running_var.clone(), self.weight, self.bias,
+                                    True, self.momentum, self.eps)
             return super().forward(x)
         from torch.distributed.nn.functional import all_reduce
 
+        # every rank's (mean, biased var, count), gathered with an all-reduce of one row per
+        # rank (all_reduce has an exact backward on every backend), then combined exactly
         c = x.shape[1]
-        shift = self.running_mean.detach().view(1, c, 1, 1)  # equal on every rank; limits cancellation
-        xs = x.float() - shift
-        n = torch.tensor([float(x.numel() // c)], device=x.device)
-        stats = all_reduce(torch.cat([xs.sum(dim=[0, 2, 3]), (xs * xs).sum(dim=[0, 2, 3]), n]))
-        count = stats[-1]
-        mean_s = stats[:c] / count
-        var = (stats[c:2 * c] / count - mean_s * mean_s).clamp(min=0)
-        mean = mean_s + shift.view(c)
-        with torch.no_grad():
-            self.num_batches_tracked += 1
-            m = self.momentum
-            self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
-            self.running_var.mul_(1 - m).add_(var.detach() * count / (count - 1).clamp(min=1), alpha=m)
-        y = (xs - mean_s.view(1, c, 1, 1)) * torch.rsqrt(var.view(1, c, 1, 1) + self.eps)
+        xf = x.float()
+        var_l, mean_l = torch.var_mean(xf, dim=[0, 2, 3], correction=0)
+        n_l = torch.full((1,), float(x.numel() // c), device=x.device)
+        rows = xf.new_zeros(world, 2 * c + 1)
+        rows = rows.index_copy(0, torch.tensor([dist.rank()], device=x.device),
+                               torch.cat([mean_l, var_l, n_l]).unsqueeze(0))
+        g = all_reduce(rows)
+        n = g[:, -1:]
+        count = n.sum()
+        mean = (g[:, :c] * n).sum(0) / count
+        var = ((g[:, c:2 * c] + (g[:, :c] - mean) ** 2) * n).sum(0) / count
+        if not recompute:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                m = self.momentum
+                self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+                self.running_var.mul_(1 - m).add_(var.detach() * count / (count - 1).clamp(min=1), alpha=m)
+        y = (xf - mean.view(1, c, 1, 1)) * torch.rsqrt(var.view(1, c, 1, 1) + self.eps)
         if self.affine:
             y = y * self.weight.view(1, c, 1, 1) + self.bias.view(1, c, 1, 1)
         return y.to(x.dtype)

@@ -1,0 +1,208 @@
+"""NVAE: each a specification with a known answer (issue 5)."""
+import itertools
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import MNIST_BETON, REPO, run_train, train_losses
+from framework.models.nvae.distributions import DiscMixLogistic, Normal
+from framework.models.nvae.model import AutoEncoder, kl_balancer_alpha
+from framework.models.nvae.ops import Conv2D
+from framework.models.nvae.task import ModelConfig
+
+NVAE = str(REPO / "recipes" / "nvae" / "mnist5k.yaml")
+TINY_NVAE = [f"data.path={MNIST_BETON}", "model.num_channels_enc=8", "model.num_channels_dec=8",
+             "model.num_groups_per_scale=2", "model.num_latent_per_group=4", "data.batch_size=8",
+             "data.eval_batch_size=64", "train.progress=false", "train.eval_every=0", "train.sample_every=0",
+             "train.num_samples=4", "engine.schedule.warmup_steps=2"]
+
+
+# -- the likelihood ----------------------------------------------------------------------------
+
+def brute_force_dmol(params, x, num_mix, num_bits):
+    """log p(x) of each pixel by the definition: sum over components of pi_k times, per channel,
+    the logistic mass of x's bin (the edge levels take the tails), means shifted by the image's
+    own red (and green) values."""
+    b, _, h, w = params.shape
+    levels = 2**num_bits - 1
+    out = torch.zeros(b, h, w, dtype=torch.float64)
+    p = params.double()
+    logit = p[:, :num_mix]
+    rest = p[:, num_mix:].reshape(b, 3, 3 * num_mix, h, w)
+    log_pi = torch.log_softmax(logit, dim=1)
+    for n, i, j in itertools.product(range(b), range(h), range(w)):
+        xs = x[n, :, i, j].double()
+        total = 0.0
+        for k in range(num_mix):
+            mean = rest[n, :, k, i, j]
+            log_s = rest[n, :, num_mix + k, i, j].clamp(min=-7)
+            a = torch.tanh(rest[n, :, 2 * num_mix + k, i, j])
+            mus = [mean[0], mean[1] + a[0] * xs[0], mean[2] + a[1] * xs[0] + a[2] * xs[1]]
+            prob = math.exp(log_pi[n, k, i, j])
+            for c in range(3):
+                cdf = lambda v: torch.sigmoid((v - mus[c]) / torch.exp(log_s[c]))  # noqa: E731
+                lo, hi = xs[c] - 1 / levels, xs[c] + 1 / levels
+                if xs[c] < -0.999:
+                    mass = cdf(hi)
+                elif xs[c] > 0.99:
+                    mass = 1 - cdf(lo)
+                else:
+                    mass = cdf(hi) - cdf(lo)
+                prob *= float(mass)
+            total += prob
+        out[n, i, j] = math.log(total)
+    return out
+
+
+@pytest.mark.parametrize("num_bits", [8, 5])
+def test_dmol_log_likelihood_equals_brute_force(num_bits):
+    g = torch.Generator().manual_seed(num_bits)
+    m, b, h, w = 3, 2, 3, 3
+    # parameters under which every bin holds more than 1e-5 of each logistic: there the reference's
+    # pdf-times-width fallback never applies and the definition is the exact answer
+    params = torch.randn(b, 10 * m, h, w, generator=g) * 0.5
+    params[:, m:].view(b, 3, 3 * m, h, w)[:, :, m:2 * m] = torch.rand(b, 3, m, h, w, generator=g) - 0.5
+    levels = 2**num_bits - 1
+    x = torch.randint(0, levels + 1, (b, 3, h, w), generator=g).float() / levels * 2 - 1
+    x[0, :, 0, 0] = -1.0  # both edges
+    x[0, :, 0, 1] = 1.0
+    got = DiscMixLogistic(params, m, num_bits).log_prob(x).double()
+    assert torch.allclose(got, brute_force_dmol(params, x, m, num_bits), atol=1e-4, rtol=0)
+
+
+def test_dmol_sample_lies_in_the_bins_of_a_sharp_component():
+    m, levels = 2, 31
+    params = torch.zeros(1, 10 * m, 4, 4)
+    params[:, 0] = 20.0  # component 0 almost surely
+    rest = params[:, m:].view(1, 3, 3 * m, 4, 4)
+    targets = torch.tensor([-1.0, 3 / levels * 2 - 1, 1.0])
+    for c in range(3):
+        rest[:, c, 0] = targets[c]
+        rest[:, c, m] = -7.0  # the narrowest logistic allowed
+        rest[:, c, 2 * m] = 0.0  # no channel dependence
+    x = DiscMixLogistic(params, m, 5).sample(1.0, torch.Generator().manual_seed(0))
+    assert x.min() >= -1 and x.max() <= 1
+    level = torch.round((x + 1) / 2 * levels)
+    assert torch.equal(level, torch.round((targets + 1) / 2 * levels).view(1, 3, 1, 1).expand_as(level))
+
+
+# -- the latent distributions -------------------------------------------------------------------
+
+def test_residual_normal_kl_matches_monte_carlo():
+    g = torch.Generator().manual_seed(0)
+    mu_p, ls_p = torch.randn(8, generator=g), torch.randn(8, generator=g) * 0.5
+    dmu, dls = torch.randn(8, generator=g) * 0.5, torch.randn(8, generator=g) * 0.3
+    q, p = Normal(mu_p + dmu, ls_p + dls), Normal(mu_p, ls_p)
+    closed = q.kl(p)
+    z = q.sample(torch.randn(200000, 8, generator=g))
+    samples = q.log_p(z) - p.log_p(z)
+    mc, se = samples.mean(0), samples.std(0) / math.sqrt(len(samples))
+    assert torch.all((closed - mc).abs() < 3 * se)
+
+
+def test_temperature_scales_sigma_and_zero_is_deterministic():
+    mu, ls = torch.randn(5), torch.randn(5)
+    assert torch.allclose(Normal(mu, ls, 0.6).sigma, 0.6 * Normal(mu, ls).sigma)
+    cfg = ModelConfig(num_channels_enc=8, num_channels_dec=8, num_preprocess_blocks=1, num_preprocess_cells=1,
+                      num_postprocess_blocks=1, num_postprocess_cells=1, num_groups_per_scale=2,
+                      num_latent_per_group=4, num_cell_per_cond_enc=1, num_cell_per_cond_dec=1)
+    torch.manual_seed(0)
+    net = AutoEncoder(cfg, 3, 16, 8).eval()
+    eps = lambda s: [torch.randn(2, *sh, generator=torch.Generator().manual_seed(s)) for sh in net.latent_shapes]  # noqa
+    a, b = net.sample(2, 0.0, eps(1)), net.sample(2, 0.0, eps(2))
+    assert torch.equal(a, b)  # t = 0: every group at its prior mean, whatever the noise
+    assert not torch.equal(net.sample(2, 1.0, eps(1)), net.sample(2, 1.0, eps(2)))
+
+
+def test_kl_balancing_weights_follow_the_square_scheme():
+    assert kl_balancer_alpha([10, 5]).tolist() == [1.0] * 5 + [2.0] * 10
+    a = kl_balancer_alpha([16, 8, 4, 4, 4])
+    assert sorted(set(a.tolist())) == [1.0, 4.0, 16.0, 32.0, 64.0]
+
+
+# -- spectral regularisation ----------------------------------------------------------------------
+
+def test_spectral_norm_estimate_converges_to_the_largest_singular_value():
+    torch.manual_seed(0)
+    cfg = ModelConfig(num_channels_enc=8, num_channels_dec=8, num_preprocess_blocks=1, num_preprocess_cells=1,
+                      num_postprocess_blocks=1, num_postprocess_cells=1, num_groups_per_scale=2,
+                      num_latent_per_group=4, num_cell_per_cond_enc=1, num_cell_per_cond_dec=1)
+    net = AutoEncoder(cfg, 3, 16, 8)
+    for _ in range(50):
+        total = net.spectral_loss()
+    exact = sum(torch.linalg.matrix_norm(c.effective_weight().detach().reshape(c.out_channels, -1), ord=2)
+                for c in net.convs)
+    assert abs(float(total) / float(exact) - 1) < 0.01
+    conv = net.convs[3]
+    sigma = float(conv.sr_u @ conv.effective_weight().detach().reshape(conv.out_channels, -1) @ conv.sr_v)
+    ref = float(torch.linalg.matrix_norm(conv.effective_weight().detach().reshape(conv.out_channels, -1), ord=2))
+    assert abs(sigma / ref - 1) < 0.01
+    state = {k: v for k, v in net.state_dict().items() if k.endswith(("sr_u", "sr_v", "sr_ready"))}
+    assert len(state) == 3 * len(net.convs)  # the vectors are saved with the weights
+
+
+def test_parameter_counts_equal_the_reference():
+    from omegaconf import OmegaConf
+
+    from framework.config import load_recipe
+
+    expected = {"mnist": 33363134, "cifar10": 130852480, "celeba64": 153281364, "celebahq256": 330798664,
+                "ffhq256": 330798664}
+    for name, count in expected.items():
+        r = load_recipe(REPO / "recipes" / "nvae" / f"{name}.yaml", [f"data.path={MNIST_BETON}"])
+        with torch.device("meta"):
+            net = AutoEncoder(r.model, r.data.channels, r.data.resolution, r.data.num_bits)
+        n = sum(p.numel() for p in net.parameters())
+        assert abs(n / count - 1) < 0.01, (name, n, count)
+        assert OmegaConf.select(r, "model.family") == "nvae"
+
+
+# -- memory -------------------------------------------------------------------------------------
+
+def test_activation_checkpointing_changes_neither_loss_nor_gradients():
+    cfg = ModelConfig(num_channels_enc=8, num_channels_dec=8, num_preprocess_blocks=1, num_preprocess_cells=2,
+                      num_postprocess_blocks=1, num_postprocess_cells=2, num_groups_per_scale=2,
+                      num_latent_per_group=4, num_cell_per_cond_enc=1, num_cell_per_cond_dec=1, num_nf=1)
+    nets = []
+    for mode in ("none", "blocks"):
+        torch.manual_seed(0)
+        nets.append(AutoEncoder(cfg, 3, 16, 8, mode).train())
+    x = torch.rand(4, 3, 16, 16) * 2 - 1
+    eps = [torch.randn(4, *s) for s in nets[0].latent_shapes]
+    losses, grads = [], []
+    for net in nets:
+        params, groups = net(x, eps)
+        loss = -net.output_dist(params).log_prob(x).sum() + sum(kl.sum() for _, _, kl in groups)
+        loss = loss + net.spectral_loss() + net.batchnorm_loss()
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(torch.cat([p.grad.flatten() for p in net.parameters()]))
+    assert torch.allclose(losses[0], losses[1], rtol=1e-6, atol=0)
+    assert torch.allclose(grads[0], grads[1], rtol=1e-5, atol=1e-6)
+    bn = [(a.running_mean, b.running_mean) for a, b in zip(nets[0].bns, nets[1].bns)]
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in bn)  # recomputation does not update BN twice
+
+
+# -- in the trainer -------------------------------------------------------------------------------
+
+def test_two_processes_zero2_match_one_process(tmp_path):
+    one = run_train(NVAE, TINY_NVAE + [f"run.dir={tmp_path / 'one'}", "train.steps=5", "data.batch_size=8"])
+    two = run_train(NVAE, TINY_NVAE + [f"run.dir={tmp_path / 'two'}", "train.steps=5", "data.batch_size=4"], nproc=2)
+    assert one.returncode == two.returncode == 0
+    a, b = train_losses(tmp_path / "one"), train_losses(tmp_path / "two")
+    assert list(a) == list(b) == [1, 2, 3, 4, 5]
+    assert np.allclose(list(a.values()), list(b.values()), rtol=1e-5, atol=0), (a, b)
+
+
+def test_resume_is_exact_and_keeps_the_power_iteration(tmp_path):
+    run_train(NVAE, TINY_NVAE + [f"run.dir={tmp_path / 'straight'}", "train.steps=6"])
+    cut = TINY_NVAE + [f"run.dir={tmp_path / 'cut'}", "train.steps=6", "train.checkpoint_every=3"]
+    run_train(NVAE, cut)
+    shutil.rmtree(tmp_path / "cut" / "checkpoints" / "step_00000006")  # as if killed after step 3's checkpoint
+    p = run_train(NVAE, cut)
+    assert "resumed from" in p.stdout and "step_00000003" in p.stdout
+    assert train_losses(tmp_path / "straight") == train_losses(tmp_path / "cut")
+    assert train_losses(tmp_path / "straight", "norm_loss") == train_losses(tmp_path / "cut", "norm_loss")
