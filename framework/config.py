@@ -224,8 +224,9 @@ def _parse_overrides(overrides: list[str]) -> DictConfig:
         raise UserError(f"command line: cannot parse overrides: {str(e).splitlines()[0]}")
 
 
-def load_recipe(path: str | os.PathLike, overrides: list[str] = ()) -> DictConfig:
-    """Reads, merges, overrides and validates a recipe; returns a read-only DictConfig."""
+def load_recipe(path: str | os.PathLike, overrides: list[str] = (), check_files: bool = True) -> DictConfig:
+    """Reads, merges, overrides and validates a recipe; returns a read-only DictConfig.
+    `check_files=False` skips the check that data.path exists (tools that only build models)."""
     from .models import model_schema  # the registry (lazy: families import torch)
 
     chain = [(str(p), OmegaConf.create(d)) for p, d in _chain(Path(path))]
@@ -246,12 +247,12 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] = ()) -> DictConfi
         OmegaConf.resolve(merged)
     except OmegaConfBaseException as e:
         raise _explain(e, layers[-2][0], schema) from None
-    _check(merged, layers[-2][0])
+    _check(merged, layers[-2][0], check_files)
     OmegaConf.set_readonly(merged, True)
     return merged
 
 
-def _check(r: DictConfig, where: str) -> None:
+def _check(r: DictConfig, where: str, check_files: bool = True) -> None:
     for key, allowed in CHOICES.items():
         value = OmegaConf.select(r, key)
         if value not in allowed:
@@ -262,7 +263,7 @@ def _check(r: DictConfig, where: str) -> None:
             raise UserError(f"{where}: key '{key}' must be at least 1")
     if not 1 <= r.data.num_bits <= 8:
         raise UserError(f"{where}: key 'data.num_bits' must be between 1 and 8")
-    if not Path(r.data.path).is_file():
+    if check_files and not Path(r.data.path).is_file():
         raise UserError(f"{where}: key 'data.path' names a file that does not exist: {r.data.path} "
                         "(write it with tools/write_ffcv.py)")
     if r.engine.offload_optimizer and r.engine.zero_stage == 0:

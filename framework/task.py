@@ -100,3 +100,12 @@ class Task:
     def sample(self, n: int, temperature: float, generator: torch.Generator, ctx: StepContext) -> torch.Tensor:
         """n images in [0, 1], (n, C, H, W), float."""
         raise NotImplementedError
+
+    def example_forward(self, name: str, module: torch.nn.Module, batch: int, device) -> None:
+        """Runs `module` once on made-up inputs of `batch` images (tools/model_summary.py measures
+        activations with it); families that do not define it get no activation estimate."""
+        raise NotImplementedError
+
+    def summary(self) -> dict:
+        """Family-specific figures for tools/model_summary.py (default: none)."""
+        return {}

@@ -261,6 +261,10 @@ class Trainer:
     def fit(self) -> int:
         r = self.recipe.train
         self._start()
+        if self.step == 0 and r.eval_every:  # the untrained model's figures: the baseline of the curve
+            val = self.evaluate()
+            if val:
+                self.log.log({"step": 0, **val})
         self.stop.install()
         bar = self._progress()
         t_last = time.perf_counter()

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import MNIST_BETON, REPO, run_train, train_losses
+from conftest import MNIST_BETON, REPO, metrics, run_train, train_losses
 from framework.models.nvae.distributions import DiscMixLogistic, Normal
 from framework.models.nvae.model import AutoEncoder, kl_balancer_alpha
 from framework.models.nvae.ops import Conv2D
@@ -206,3 +206,13 @@ def test_resume_is_exact_and_keeps_the_power_iteration(tmp_path):
     assert "resumed from" in p.stdout and "step_00000003" in p.stdout
     assert train_losses(tmp_path / "straight") == train_losses(tmp_path / "cut")
     assert train_losses(tmp_path / "straight", "norm_loss") == train_losses(tmp_path / "cut", "norm_loss")
+
+
+def test_training_lowers_validation_bits_per_dim(tmp_path):
+    # Measured here (2 cores, seed 0): this tiny model goes from 1.19 bits/dim untrained to 0.34
+    # after 60 steps (a drop of 0.85); the test asks for a third of that drop.
+    run_train(NVAE, TINY_NVAE + [f"run.dir={tmp_path / 'r'}", "train.steps=60", "train.eval_every=60",
+                                 "data.batch_size=16"])
+    val = {m["step"]: m["val/bpd"] for m in metrics(tmp_path / "r") if "val/bpd" in m}
+    assert sorted(val) == [0, 60]
+    assert val[60] < val[0] - 0.28, val

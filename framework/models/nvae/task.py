@@ -159,6 +159,22 @@ class Task(BaseTask):
         return {"bpd": bits_per_dim(recon + kl_all.sum(1), self.dims), "recon_bpd": bits_per_dim(recon, self.dims),
                 "kl_bpd": bits_per_dim(kl_all.sum(1), self.dims)}
 
+    def example_forward(self, name, module, batch, device):
+        d = self.recipe.data
+        x = torch.zeros(batch, d.channels, d.resolution, d.resolution, device=device)
+        eps = [torch.zeros(batch, *s, device=device) for s in module.latent_shapes]
+        params, groups = module(x, eps)
+        return params
+
+    def summary(self):
+        net = self.model
+        return {"latent groups per scale (encoder order, finest first)": net.groups,
+                "latent groups": sum(net.groups),
+                "latent dims per image": net.latent_dims,
+                "BatchNorm layers": len(net.bns),
+                "convolutions under spectral regularisation": len(net.convs),
+                "likelihood": f"{self.m.likelihood} over {self.dims} dims"}
+
     def sample(self, n, temperature, generator, ctx):
         net = ctx.engines["nvae"].module
         eps = [torch.randn((n, *shape), generator=generator).to(ctx.device) for shape in net.latent_shapes]
