@@ -10,6 +10,8 @@ export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 
 .PHONY: setup system-deps demo test bench clean-runs
 
+# make data/photos256.beton writes the 256 px smoke set (3000 crops of the bundled photographs)
+
 setup: $(STAMP)
 
 system-deps:
@@ -27,12 +29,16 @@ $(STAMP): pyproject.toml | system-deps
 	$(PY) -m pip install -q -e '.[dev]'
 	@touch $(STAMP)
 
+data/photos256.beton: | setup
+	mkdir -p data
+	$(PY) tools/write_ffcv.py bundled:photos $@
+
 data/mnist5k.beton: | setup
 	mkdir -p data
 	$(PY) tools/write_ffcv.py bundled:mnist5k $@
 
 demo: setup data/mnist5k.beton
-	$(PY) -m framework.train recipes/vae/mnist5k.yaml $(ARGS)
+	$(PY) -m framework.train recipes/nvae/mnist5k.yaml $(ARGS)
 
 test: setup
 	$(PY) -m pytest -q tests $(ARGS)

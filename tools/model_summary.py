@@ -85,7 +85,7 @@ def main(argv=None) -> int:
     ap.add_argument("overrides", nargs="*")
     ap.add_argument("--batch", type=int, default=0, help="images per forward (default: data.batch_size)")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)
     r = load_recipe(args.recipe, args.overrides, check_files=False)
     batch = args.batch or r.data.batch_size
     elem = 4 if r.engine.precision == "fp32" else 2

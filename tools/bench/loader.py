@@ -26,7 +26,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import framework  # noqa: E402,F401  (sets OMP_WAIT_POLICY before torch loads)
+# The loader alone, as on a GPU machine where the CPU only feeds data: OpenMP threads wait
+# passively (framework/__init__.py sets this where a GPU is present; spinning threads halved
+# FFCV's jpg rate here). Must precede torch's import.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import framework  # noqa: E402,F401
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402

@@ -38,15 +38,21 @@ class Conv2D(nn.Conv2d):
         self.register_buffer("sr_v", torch.zeros(fan_in))
         self.register_buffer("sr_ready", torch.zeros((), dtype=torch.bool))
 
+        self.last_weight = None  # w_eff of the last forward, for the spectral regulariser
+        self.keep_weight = True  # off under activation checkpointing: keeping every w_eff to the
+        # end of the forward would cost a copy of the weights at the memory peak
+
     def effective_weight(self) -> torch.Tensor:
         w = self.weight if self.mask is None else self.weight * self.mask
         if self.log_weight_norm is None:
             return w
         norm = torch.sqrt(torch.sum(w * w, dim=[1, 2, 3])).view(-1, 1, 1, 1)
-        return torch.exp(self.log_weight_norm) * w / (norm + 1e-5)
+        return w * (torch.exp(self.log_weight_norm) / (norm + 1e-5))  # one full-size op (and backward)
 
     def forward(self, x):
-        return F.conv2d(x, self.effective_weight(), self.bias, self.stride, self.padding, self.dilation, self.groups)
+        w = self.effective_weight()
+        self.last_weight = w if self.keep_weight else None
+        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 
 def _in_backward() -> bool:

@@ -50,6 +50,7 @@ class ModelConfig:
     weight_decay_norm: float = 0.0  # lambda of the spectral and BN regularisers
     weight_decay_norm_init: float = 10.0
     weight_decay_norm_anneal: bool = False
+    channels_last: bool = True  # activations in NHWC memory order (faster convolutions)
 
 
 def bits_per_dim(nats: torch.Tensor, dims: int) -> torch.Tensor:
@@ -73,6 +74,11 @@ class Task(BaseTask):
 
             raise UserError("key 'model.likelihood': dmol models RGB images; set data.channels=3 "
                             "or model.likelihood=bernoulli")
+        if recipe.engine.zero_stage == 3:
+            from ...errors import UserError
+
+            raise UserError("key 'engine.zero_stage' is 3; NVAE supports ZeRO 0-2 (its spectral regulariser "
+                            "reads every convolution's whole weight, which ZeRO-3 partitions)")
         self.m = m
         self.model = AutoEncoder(m, d.channels, d.resolution, d.num_bits, recipe.engine.activation_checkpointing)
         side = d.resolution - 2 * m.crop_output
