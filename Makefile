@@ -46,6 +46,7 @@ test: setup
 bench: setup data/mnist5k.beton
 	$(PY) tools/bench/engine_overhead.py
 	$(PY) tools/bench/loader.py
+	$(PY) tools/bench/nvae_step.py
 
 clean-runs:
 	rm -rf runs

@@ -135,7 +135,7 @@ def test_spectral_norm_estimate_converges_to_the_largest_singular_value():
         total = net.spectral_loss()
     exact = sum(torch.linalg.matrix_norm(c.effective_weight().detach().reshape(c.out_channels, -1), ord=2)
                 for c in net.convs)
-    assert abs(float(total) / float(exact) - 1) < 0.01
+    assert abs(float(total.detach()) / float(exact) - 1) < 0.01
     conv = net.convs[3]
     sigma = float(conv.sr_u @ conv.effective_weight().detach().reshape(conv.out_channels, -1) @ conv.sr_v)
     ref = float(torch.linalg.matrix_norm(conv.effective_weight().detach().reshape(conv.out_channels, -1), ord=2))

@@ -67,16 +67,30 @@ class SyncBatchNorm(nn.BatchNorm2d):
     A forward recomputed by activation checkpointing does not update the running statistics
     a second time."""
 
+    def _affine(self):
+        return (self.weight.float() if self.weight is not None else None,
+                self.bias.float() if self.bias is not None else None)
+
     def forward(self, x):
+        # computed in float32 whatever the precision (DeepSpeed's bf16/fp16 engines cast the
+        # parameters but keep the buffers in fp32), returned in the input's dtype
+        w, b = self._affine()
         if not self.training:
-            return super().forward(x)
+            return F.batch_norm(x.float(), self.running_mean.float(), self.running_var.float(), w, b, False, 0.0,
+                                self.eps).to(x.dtype)
         recompute = _in_backward()
         world = dist.world_size()
         if world == 1:
-            if recompute:  # the same ops as the first forward, updating throw-away statistics
-                return F.batch_norm(x, self.running_mean.clone(), self.running_var.clone(), self.weight, self.bias,
-                                    True, self.momentum, self.eps)
-            return super().forward(x)
+            rm, rv = self.running_mean, self.running_var
+            if recompute or rm.dtype != torch.float32:  # throw-away (recompute) or float copies
+                rm, rv = rm.float().clone(), rv.float().clone()
+            y = F.batch_norm(x.float(), rm, rv, w, b, True, self.momentum, self.eps)
+            if not recompute:
+                self.num_batches_tracked += 1
+                if rm is not self.running_mean:
+                    self.running_mean.copy_(rm)
+                    self.running_var.copy_(rv)
+            return y.to(x.dtype)
         from torch.distributed.nn.functional import all_reduce
 
         # every rank's (mean, biased var, count), gathered with an all-reduce of one row per
@@ -101,7 +115,7 @@ class SyncBatchNorm(nn.BatchNorm2d):
                 self.running_var.mul_(1 - m).add_(var.detach() * count / (count - 1).clamp(min=1), alpha=m)
         y = (xf - mean.view(1, c, 1, 1)) * torch.rsqrt(var.view(1, c, 1, 1) + self.eps)
         if self.affine:
-            y = y * self.weight.view(1, c, 1, 1) + self.bias.view(1, c, 1, 1)
+            y = y * w.view(1, c, 1, 1) + b.view(1, c, 1, 1)
         return y.to(x.dtype)
 
 
