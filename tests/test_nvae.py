@@ -287,3 +287,21 @@ def test_photos256_smoke_recipe_trains(tmp_path):
     assert [x["step"] for x in m if "loss" in x] == [1, 2, 3, 4]
     assert all(math.isfinite(x["loss"]) for x in m if "loss" in x)
     assert (tmp_path / "r" / "samples" / "step_00000004.png").is_file()
+
+
+def test_model_summary_reports_the_reference_figures():
+    import json
+    import subprocess
+    import sys
+
+    from conftest import env
+
+    p = subprocess.run([sys.executable, "tools/model_summary.py", "recipes/nvae/mnist.yaml", "--batch", "4", "--json"],
+                       cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout)
+    assert out["parameters"] == {"nvae": 33363134} and out["latent groups"] == 15
+    assert out["latent groups per scale (encoder order, finest first)"] == [10, 5]
+    assert out["latent dims per image"] == 14400 and out["BatchNorm layers"] == 214
+    est = out["activation_estimate"]["nvae"]
+    assert 0 < est["with_checkpointing_blocks"] < 0.5 * est["without_checkpointing"]
