@@ -96,9 +96,52 @@ def init(env: DistEnv | None = None) -> DistEnv:
     if torch.cuda.is_available():
         torch.cuda.set_device(env.local_rank)
     if not torch.distributed.is_initialized():
+        if not torch.cuda.is_available():
+            _check_shm(env)
         deepspeed.init_distributed(dist_backend=env.backend, auto_mpi_discovery=False,
                                    verbose=False, rank=env.rank, world_size=env.world_size)
+        if not torch.cuda.is_available():
+            _unlink_shm_buffer(env)
     return env
+
+
+# DeepSpeed's CPU all-reduce (its JIT-built shm comm op) maps one POSIX shared-memory segment per
+# rank, /dev/shm/deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank> (~66 MiB), and
+# never unlinks it: every run leaks one per rank until /dev/shm is full and the next multi-process
+# start hangs. Once every rank has mapped every segment (the barrier after init), the names are
+# no longer needed; unlinking keeps the mappings alive and frees the memory when the job exits.
+SHM_DIR = "/dev/shm"
+SHM_SEGMENT_MIB = 66
+
+
+def _shm_name(env: DistEnv, rank: int) -> str:
+    return os.path.join(SHM_DIR, f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ['MASTER_ADDR']}_"
+                                 f"{os.environ['MASTER_PORT']}_{rank}")
+
+
+def _check_shm(env: DistEnv) -> None:
+    """A full /dev/shm makes DeepSpeed's CPU init spin forever; say so instead."""
+    from .errors import UserError
+
+    try:
+        st = os.statvfs(SHM_DIR)
+    except OSError:
+        return
+    free_mib = st.f_bavail * st.f_frsize / 2**20
+    if free_mib < 2 * SHM_SEGMENT_MIB:
+        raise UserError(f"{SHM_DIR}: only {free_mib:.0f} MiB free, DeepSpeed's CPU all-reduce needs "
+                        f"{SHM_SEGMENT_MIB} MiB per rank (stale deepspeed_allreduce_buffer_* files there?)")
+
+
+def _unlink_shm_buffer(env: DistEnv) -> None:
+    path = _shm_name(env, env.rank)
+    if not os.path.exists(path):
+        return
+    torch.distributed.barrier()
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def barrier() -> None:

@@ -28,3 +28,22 @@ def test_single_process_otherwise():
     assert (e.rank, e.world_size, e.local_rank, e.source) == (0, 1, 0, "single")
     # one Slurm task (e.g. an interactive srun) is a single process too
     assert detect({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}).source == "single"
+
+
+def test_two_cpu_ranks_leave_no_shared_memory_behind(tmp_path):
+    """DeepSpeed's CPU all-reduce maps a /dev/shm segment per rank and never unlinks it; init() does."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO, env, free_port
+
+    port = free_port()
+    script = tmp_path / "allreduce.py"
+    script.write_text("import torch\nfrom framework import distributed as d\nenv = d.init()\n"
+                      "t = d.all_reduce_sum(torch.ones(3))\nassert t.tolist() == [2.0] * 3, t\nd.shutdown()\n")
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+                        str(script)], cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    left = [n for n in os.listdir("/dev/shm") if n.startswith("deepspeed_allreduce_buffer") and f"_{port}_" in n]
+    assert left == []
