@@ -157,10 +157,6 @@ class EvalLoader:
     def __len__(self) -> int:
         return len(self.shard)
 
-    @property
-    def num_images(self) -> int:
-        return len(self.shard.mine)
-
     def __iter__(self):
         if self._ffcv is None:
             return

@@ -145,9 +145,6 @@ class AutoEncoder(nn.Module):
     def latent_dims(self) -> int:
         return sum(c * h * w for c, h, w in self.latent_shapes)
 
-    def groups_encoder_order(self) -> list[int]:
-        return list(self.groups)
-
     # -- the passes ----------------------------------------------------------------------------
     def output_dist(self, params: torch.Tensor):
         if self.likelihood == "bernoulli":
@@ -184,33 +181,29 @@ class AutoEncoder(nn.Module):
         log_q = q.log_p(z)
         for n in range(self.num_flows):
             z = self.nf_cells[n](z)
-        nf_offset = self.num_flows
         p = Normal(torch.zeros_like(z), torch.zeros_like(z))
         groups = [(log_q, p.log_p(z), q, p)]
 
-        s = self._top(x.shape[0])
-        i = 0
-        for cell, kind in zip(self.dec_tower, self.dec_kinds):
-            if kind != "combiner":
-                s = cell(s)
-                continue
-            if i > 0:
-                mu_p, log_sig_p = self.dec_sampler[i - 1](s).float().chunk(2, dim=1)
-                ftr = enc_comb[i - 1](enc_s[i - 1], s)
-                mu_q, log_sig_q = self.enc_sampler[i](ftr).float().chunk(2, dim=1)
-                q = Normal(mu_p + mu_q, log_sig_p + log_sig_q) if self.res_dist else Normal(mu_q, log_sig_q)
-                z = q.sample(self._fmt(eps[i].float()))
-                log_q = q.log_p(z)
-                for n in range(self.num_flows):
-                    z = self.nf_cells[nf_offset + n](z)
-                nf_offset += self.num_flows
-                p = Normal(mu_p, log_sig_p)
-                groups.append((log_q, p.log_p(z), q, p))
-            s = cell(s, z.to(s.dtype))
-            i += 1
-        for cell in self.post_process:
-            s = cell(s)
-        params = self.image_conditional(s)
+        z0, nf_offset = z, self.num_flows
+
+        def posterior_group(i: int, s: torch.Tensor) -> torch.Tensor:
+            nonlocal nf_offset
+            if i == 0:
+                return z0
+            mu_p, log_sig_p = self.dec_sampler[i - 1](s).float().chunk(2, dim=1)
+            ftr = enc_comb[i - 1](enc_s[i - 1], s)
+            mu_q, log_sig_q = self.enc_sampler[i](ftr).float().chunk(2, dim=1)
+            q = Normal(mu_p + mu_q, log_sig_p + log_sig_q) if self.res_dist else Normal(mu_q, log_sig_q)
+            z = q.sample(self._fmt(eps[i].float()))
+            log_q = q.log_p(z)
+            for n in range(self.num_flows):
+                z = self.nf_cells[nf_offset + n](z)
+            nf_offset += self.num_flows
+            p = Normal(mu_p, log_sig_p)
+            groups.append((log_q, p.log_p(z), q, p))
+            return z
+
+        params = self._decode(x.shape[0], posterior_group)
         out = []
         for log_q, log_p, q, p in groups:
             kl = log_q - log_p if self.num_flows > 0 else q.kl(p)  # one-sample KL with flows
@@ -220,20 +213,30 @@ class AutoEncoder(nn.Module):
     @torch.no_grad()
     def sample(self, n: int, temperature: float, eps: list[torch.Tensor]) -> torch.Tensor:
         """Output parameters of n samples from the prior, every group's sigma times `temperature`."""
-        e0 = self._fmt(eps[0].to(self.prior_ftr0.device).float())
-        z = Normal(torch.zeros_like(e0), torch.zeros_like(e0), temperature).sample(e0)
-        dev, dtype = self.prior_ftr0.device, self.prior_ftr0.dtype
-        s = self._top(n)
+        dev = self.prior_ftr0.device
+        e0 = self._fmt(eps[0].to(dev).float())
+        z0 = Normal(torch.zeros_like(e0), torch.zeros_like(e0), temperature).sample(e0)
+
+        def prior_group(i: int, s: torch.Tensor) -> torch.Tensor:
+            if i == 0:
+                return z0
+            mu, log_sig = self.dec_sampler[i - 1](s).float().chunk(2, dim=1)
+            return Normal(mu, log_sig, temperature).sample(self._fmt(eps[i].to(dev).float()))
+
+        return self._decode(n, prior_group)
+
+    def _decode(self, batch: int, group_z) -> torch.Tensor:
+        """The top-down pass shared by training and sampling: from the learned top feature through
+        the decoder tower, taking group i's z from `group_z(i, state)` at its combiner, then the
+        post-processing cells; -> output parameters."""
+        s = self._top(batch)
         i = 0
         for cell, kind in zip(self.dec_tower, self.dec_kinds):
-            if kind != "combiner":
+            if kind == "combiner":
+                s = cell(s, group_z(i, s).to(s.dtype))
+                i += 1
+            else:
                 s = cell(s)
-                continue
-            if i > 0:
-                mu, log_sig = self.dec_sampler[i - 1](s).float().chunk(2, dim=1)
-                z = Normal(mu, log_sig, temperature).sample(self._fmt(eps[i].to(dev).float()))
-            s = cell(s, z.to(dev, dtype))
-            i += 1
         for cell in self.post_process:
             s = cell(s)
         return self.image_conditional(s)

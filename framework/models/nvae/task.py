@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ... import distributed as dist
+from ...errors import UserError
 from ...task import StepContext
 from ...task import Task as BaseTask
 from .model import AutoEncoder, kl_balancer_alpha
@@ -66,17 +67,11 @@ class Task(BaseTask):
         super().__init__(recipe, env)
         m, d = recipe.model, recipe.data
         if m.likelihood not in ("dmol", "bernoulli"):
-            from ...errors import UserError
-
             raise UserError(f"key 'model.likelihood' is {m.likelihood!r}; expected dmol or bernoulli")
         if m.likelihood == "dmol" and d.channels != 3:
-            from ...errors import UserError
-
             raise UserError("key 'model.likelihood': dmol models RGB images; set data.channels=3 "
                             "or model.likelihood=bernoulli")
         if recipe.engine.zero_stage == 3:
-            from ...errors import UserError
-
             raise UserError("key 'engine.zero_stage' is 3; NVAE supports ZeRO 0-2 (its spectral regulariser "
                             "reads every convolution's whole weight, which ZeRO-3 partitions)")
         self.m = m
