@@ -274,7 +274,7 @@ class AutoEncoder(nn.Module):
             sigma = torch.bmm(u.unsqueeze(1), torch.bmm(w, v.unsqueeze(2)))
             total = total + sigma.sum()
         for c in self.convs:
-            c.last_weight = None
+            c.__dict__["last_weight"] = None
         return total
 
     def batchnorm_loss(self) -> torch.Tensor:

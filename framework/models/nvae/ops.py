@@ -51,7 +51,9 @@ class Conv2D(nn.Conv2d):
 
     def forward(self, x):
         w = self.effective_weight()
-        self.last_weight = w if self.keep_weight else None
+        # through __dict__: without weight norm w is the Parameter itself, which nn.Module's
+        # __setattr__ would register as a second parameter (and put into the state dict)
+        self.__dict__["last_weight"] = w if self.keep_weight else None
         return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 
@@ -65,7 +67,13 @@ class SyncBatchNorm(nn.BatchNorm2d):
     all-reduced (with gradients) over the ranks, so 2 processes with batch B normalise exactly
     like 1 process with batch 2B (NVAE uses SyncBN for the same reason). One rank: plain BN.
     A forward recomputed by activation checkpointing does not update the running statistics
-    a second time."""
+    a second time.
+
+    Re-estimation (framework/eval/recalibrate.py) sets `moments` to a `Moments`: in train mode
+    the layer then normalises with its local batch statistics and adds them to `moments` instead
+    of touching the running statistics."""
+
+    moments = None
 
     def _affine(self):
         return (self.weight.float() if self.weight is not None else None,
@@ -78,6 +86,12 @@ class SyncBatchNorm(nn.BatchNorm2d):
         if not self.training:
             return F.batch_norm(x.float(), self.running_mean.float(), self.running_var.float(), w, b, False, 0.0,
                                 self.eps).to(x.dtype)
+        if self.moments is not None:
+            xf = x.float()
+            var, mean = torch.var_mean(xf, dim=[0, 2, 3], correction=0)
+            self.moments.add(x.numel() // x.shape[1], mean, var)
+            y = F.batch_norm(xf, None, None, w, b, True, 0.0, self.eps)
+            return y.to(x.dtype)
         recompute = _in_backward()
         world = dist.world_size()
         if world == 1:
@@ -117,6 +131,42 @@ class SyncBatchNorm(nn.BatchNorm2d):
         if self.affine:
             y = y * w.view(1, c, 1, 1) + b.view(1, c, 1, 1)
         return y.to(x.dtype)
+
+
+class Moments:
+    """Exact pooled per-channel count, mean and sum of squared deviations (M2) of every batch
+    added, in float64 (Chan et al.'s pairwise update: no E[x^2] - E[x]^2 cancellation)."""
+
+    def __init__(self, channels: int):
+        self.n = 0.0
+        self.mean = torch.zeros(channels, dtype=torch.float64)
+        self.m2 = torch.zeros(channels, dtype=torch.float64)
+
+    def add(self, n_b: int, mean_b: torch.Tensor, var_b: torch.Tensor) -> None:
+        mean_b, var_b = mean_b.detach().double().cpu(), var_b.detach().double().cpu()
+        self.combine(float(n_b), mean_b, var_b * n_b)
+
+    def combine(self, n_b: float, mean_b: torch.Tensor, m2_b: torch.Tensor) -> None:
+        if n_b == 0:
+            return
+        total = self.n + n_b
+        delta = mean_b - self.mean
+        self.mean = self.mean + delta * (n_b / total)
+        self.m2 = self.m2 + m2_b + delta * delta * (self.n * n_b / total)
+        self.n = total
+
+    def as_row(self) -> torch.Tensor:
+        return torch.cat([torch.tensor([self.n], dtype=torch.float64), self.mean, self.m2])
+
+    @staticmethod
+    def from_rows(rows: torch.Tensor, channels: int) -> "Moments":
+        out = Moments(channels)
+        for r in rows:
+            out.combine(float(r[0]), r[1:1 + channels], r[1 + channels:])
+        return out
+
+    def unbiased_var(self) -> torch.Tensor:
+        return self.m2 / max(self.n - 1.0, 1.0)
 
 
 def batchnorm(c: int, eps: float = BN_EPS) -> SyncBatchNorm:

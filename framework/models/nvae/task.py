@@ -176,12 +176,45 @@ class Task(BaseTask):
                 "convolutions under spectral regularisation": len(net.convs),
                 "likelihood": f"{self.m.likelihood} over {self.dims} dims"}
 
+    # -- after training (framework/eval) ---------------------------------------------------------
+    def bn_layers(self, module) -> list:
+        return list(module.bns)
+
+    def prior_noise(self, module, n: int, generator: torch.Generator, device) -> list[torch.Tensor]:
+        return [torch.randn((n, *shape), generator=generator).to(device) for shape in module.latent_shapes]
+
+    def prior_params(self, module, n, temperature, generator, device):
+        """Output parameters of n prior samples (what BN recalibration runs)."""
+        return module.sample(n, temperature, self.prior_noise(module, n, generator, device))
+
+    def fast_sampler(self, module):
+        """The folded inference copy of the sampling path (framework/models/nvae/fast.py)."""
+        from .fast import fold
+
+        return fold(module)
+
+    def images(self, module, params, temperature, generator):
+        """Output parameters -> images in [0, 1]: the Bernoulli mean, or a draw from the mixture."""
+        out = module.output_dist(params)
+        x = out.mean() if self.m.likelihood == "bernoulli" else out.sample(temperature, generator)
+        return (x + 1) / 2
+
+    def eval_input(self, x: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+        """The pixels the likelihood scores: binarised once per image (its own generator) for
+        Bernoulli, unchanged for the mixture."""
+        if self.m.likelihood != "bernoulli":
+            return x
+        u = torch.stack([torch.rand(x.shape[1:], generator=g) for g in generators]).to(x.device)
+        return torch.where(u < (x.float() + 1) / 2, 1.0, -1.0).to(x.dtype)
+
+    def log_weights(self, module, x: torch.Tensor, eps: list[torch.Tensor]) -> torch.Tensor:
+        """log p(x | z) + log p(z) - log q(z | x) per row of x (nats), z drawn with `eps`."""
+        params, groups = module(x, eps)
+        log_q = sum(lq.flatten(1).sum(1) for lq, _, _ in groups)
+        log_p = sum(lp.flatten(1).sum(1) for _, lp, _ in groups)
+        return -self._recon(params, x) + log_p - log_q
+
     def sample(self, n, temperature, generator, ctx):
         net = ctx.engines["nvae"].module
-        eps = [torch.randn((n, *shape), generator=generator).to(ctx.device) for shape in net.latent_shapes]
-        out = net.output_dist(net.sample(n, temperature, eps))
-        if self.m.likelihood == "bernoulli":
-            x = out.mean()
-        else:
-            x = out.sample(temperature, generator)
-        return (x + 1) / 2
+        params = self.prior_params(net, n, temperature, generator, ctx.device)
+        return self.images(net, params, temperature, generator)

@@ -1,0 +1,158 @@
+"""Sample grids, and the sampling-speed profile of the plain model against its fast path."""
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import UserError
+from ..images import save_grid
+from .checkpoints import Loaded
+
+
+def _generator(seed: int, *stream: int) -> torch.Generator:
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, 17, *stream]).generate_state(1)[0]))
+
+
+def check_temperatures(temps) -> list[float]:
+    temps = [float(t) for t in temps]
+    if not temps:
+        raise UserError("--temperatures: give at least one")
+    bad = [t for t in temps if not t > 0]
+    if bad:
+        raise UserError(f"temperature must be > 0, got {bad[0]:g}")
+    return temps
+
+
+def grid_paths(loaded: Loaded, temps: list[float], out: str | None) -> list[Path]:
+    if out:
+        o = Path(out)
+        if len(temps) == 1:
+            return [o]
+        return [o.with_name(f"{o.stem}_t{t:g}{o.suffix or '.png'}") for t in temps]
+    if loaded.path.suffix in (".yaml", ".yml"):
+        run = Path(loaded.recipe.run.dir)
+    else:
+        run = loaded.path.parent.parent
+    return [run / "samples" / f"{loaded.path.name}_t{t:g}.png" for t in temps]
+
+
+@torch.no_grad()
+def sample_grids(loaded: Loaded, n: int, temps, out: str | None = None, seed: int = 0) -> list[Path]:
+    """One PNG grid of n samples per temperature (the same noise at every temperature)."""
+    temps = check_temperatures(temps)
+    if n < 1:
+        raise UserError(f"--n must be at least 1, got {n}")
+    paths = grid_paths(loaded, temps, out)
+    ctx = loaded.ctx(n)
+    for t, path in zip(temps, paths):
+        images = loaded.task.sample(n, t, _generator(seed, 0), ctx)
+        if loaded.env.is_main:
+            save_grid(images, path)
+    return paths
+
+
+# -- speed -------------------------------------------------------------------------------------
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def _time(fn, device, repeats: int, warmup: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+@torch.inference_mode()
+def profile_sampling(loaded: Loaded, batch_sizes=(1, 4, 16, 36), temperature: float = 1.0, repeats: int = 10,
+                     warmup: int = 2, precision: str = "fp32", seed: int = 0, fast: bool = True,
+                     progress: bool = True) -> dict:
+    """ms/image of sampling (the prior pass and the output draw) per batch size, plain vs fast path."""
+    check_temperatures([temperature])
+    if precision not in ("fp32", "bf16"):
+        raise UserError(f"--precision is {precision!r}; expected fp32 or bf16")
+    if repeats < 1:
+        raise UserError(f"--repeats must be at least 1, got {repeats}")
+    if not batch_sizes or min(batch_sizes) < 1:
+        raise UserError("--batch-sizes: positive integers, e.g. 1,4,16,36")
+    task, net, dev = loaded.task, loaded.module, loaded.device
+    paths = {"plain": net.sample}
+    if fast and hasattr(task, "fast_sampler"):
+        paths["fast"] = task.fast_sampler(net).sample
+    elif not hasattr(task, "prior_params"):
+        raise UserError(f"{loaded.path}: family {loaded.family!r}: profile_sampling.py supports nvae")
+    rows = []
+    check = {}
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(batch_sizes) * len(paths), desc="profiling", unit="run", dynamic_ncols=True,
+               disable=not (progress and loaded.env.is_main))
+    for b in batch_sizes:
+        eps = task.prior_noise(net, b, _generator(seed, b), dev)
+        outs = {}
+        for name, sample in paths.items():
+            def run():
+                with _autocast(dev, precision):
+                    params = sample(b, temperature, eps)
+                    return task.images(net, params.float(), temperature, _generator(seed, b, 1))
+
+            outs[name] = run()
+            times = _time(run, dev, repeats, warmup)
+            ms = [1000 * t / b for t in times]
+            rows.append({"path": name, "batch": b, "ms_per_image": statistics.median(ms), "ms_min": min(ms),
+                         "ms_max": max(ms), "images_per_s": b / statistics.median(times)})
+            bar.update(1)
+        if "fast" in outs:
+            check[b] = float((outs["fast"] - outs["plain"]).abs().max())
+    bar.close()
+    speedup = {}
+    for b in batch_sizes:
+        by = {r["path"]: r for r in rows if r["batch"] == b}
+        if "fast" in by:
+            speedup[b] = by["plain"]["ms_per_image"] / by["fast"]["ms_per_image"]
+    return {"checkpoint": str(loaded.path), "family": loaded.family, "weights": loaded.info.get("weights"),
+            "bn_recalibrated": loaded.info.get("bn") is not None, "device": str(dev),
+            "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name(),
+            "threads": torch.get_num_threads(), "precision": precision, "temperature": temperature,
+            "repeats": repeats, "warmup": warmup, "channels_last": getattr(net, "channels_last", None),
+            "torch": torch.__version__, "results": rows, "speedup_fast_vs_plain": speedup,
+            "max_abs_diff_fast_vs_plain": check}
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "cpu"
+
+
+def format_table(report: dict) -> str:
+    lines = [f"{'path':<6} {'batch':>5} {'ms/image':>10} {'min':>9} {'max':>9} {'images/s':>9} {'vs plain':>8}"]
+    sp = report["speedup_fast_vs_plain"]
+    for r in report["results"]:
+        rel = f"{sp[r['batch']]:.2f}x" if r["path"] == "fast" and r["batch"] in sp else ""
+        lines.append(f"{r['path']:<6} {r['batch']:>5} {r['ms_per_image']:>10.2f} {r['ms_min']:>9.2f} "
+                     f"{r['ms_max']:>9.2f} {r['images_per_s']:>9.1f} {rel:>8}")
+    return "\n".join(lines)
