@@ -88,10 +88,10 @@ class _FoldedMBConv(nn.Module):
         self.proj = _Conv(w3 * (scale * a3).view(-1, 1, 1, 1), scale * b3)
 
     def forward(self, x):
-        s = F.silu(self.expand(x))
+        s = F.silu(self.expand(x), inplace=True)  # in place on fresh outputs: half the time of a copy
         if self.upsample:
             s = F.interpolate(s, scale_factor=2, mode="nearest")
-        return self.proj(F.silu(self.dw(s)))
+        return self.proj(F.silu(self.dw(s), inplace=True))
 
 
 class _SE(nn.Module):
@@ -103,8 +103,8 @@ class _SE(nn.Module):
         with torch.no_grad():
             self.se[0].weight.mul_(1.0 / scale)
 
-    def forward(self, x):
-        return x * self.se(x.mean(dim=[2, 3]))[:, :, None, None]
+    def gate(self, x):
+        return self.se(x.mean(dim=[2, 3]))[:, :, None, None]
 
 
 class _UpSkip(nn.Module):
@@ -127,9 +127,10 @@ class _FastCell(nn.Module):
 
     def forward(self, x):
         s = self.op(x)
-        if self.se is not None:
-            s = self.se(s)
-        return (x if self.skip is None else self.skip(x)) + s
+        skip = x if self.skip is None else self.skip(x)
+        if self.se is None:
+            return skip + s
+        return torch.addcmul(skip, s, self.se.gate(s))  # skip + s * gate in one pass
 
 
 class _Combiner(nn.Module):
