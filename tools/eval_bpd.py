@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
     from framework.eval.bpd import check_family, evaluate_bpd
-    from framework.eval.checkpoints import load
+    from framework.eval.checkpoints import finish, load
 
     loaded = load(a.path, ema=not a.no_ema)
     check_family(loaded)
@@ -49,6 +49,7 @@ def main(argv=None) -> int:
               f"NLL  {r['bpd']:.4f} +- {r['bpd_se']:.4f} bits/dim ({r['nll_nats']:.3f} +- {r['nll_nats_se']:.3f} nats)\n"
               f"ELBO {r['elbo_bpd']:.4f} +- {r['elbo_bpd_se']:.4f} bits/dim ({r['nelbo_nats']:.3f} nats)\n"
               f"wrote {out}", flush=True)
+    finish(loaded.env)
     return 0
 
 

@@ -42,7 +42,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", default="", help="also write the JSON object here")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
-    from framework.eval.checkpoints import load
+    from framework.eval.checkpoints import finish, load
     from framework.eval.sampling import format_table, profile_sampling
 
     loaded = load(a.path)
@@ -59,6 +59,7 @@ def main(argv=None) -> int:
         print(text, flush=True)
         if a.json:
             Path(a.json).write_text(text)
+    finish(loaded.env)
     return 0
 
 

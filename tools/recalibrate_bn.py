@@ -31,7 +31,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-ema", action="store_true", help="use the trained weights even if the run kept an EMA")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
-    from framework.eval.checkpoints import load
+    from framework.eval.checkpoints import finish, load
     from framework.eval.recalibrate import bn_layers, recalibrate_checkpoint
 
     loaded = load(a.path, ema=not a.no_ema)
@@ -42,6 +42,7 @@ def main(argv=None) -> int:
               f"({rec['layers_kept']} not reached by sampling kept) | t={rec['temperature']:g} | "
               f"{rec['iters']} iters x batch {rec['batch_size']} x {rec['world_size']} ranks = {rec['samples']} "
               f"samples | {rec['seconds']:.1f} s\nwrote {out}", flush=True)
+    finish(loaded.env)
     return 0
 
 

@@ -33,7 +33,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-ema", action="store_true")
     a = p.parse_args(argv)
-    from framework.eval.checkpoints import load
+    from framework.eval.checkpoints import finish, load
     from framework.eval.sampling import check_temperatures, sample_grids
 
     temps = check_temperatures(floats(a.temperatures))
@@ -43,6 +43,7 @@ def main(argv=None) -> int:
         print(loaded.describe())
         for t, path in zip(temps, paths):
             print(f"t={t:g}: {a.n} samples -> {path}")
+    finish(loaded.env)
     return 0
 
 

@@ -154,6 +154,14 @@ def start_processes():
     return env
 
 
+def finish(env) -> None:
+    """Ends the process group in order (all ranks done, then destroyed): a rank that exits with the
+    group alive can abort at interpreter shutdown ("terminate called without an active exception")."""
+    if env.world_size > 1:
+        dist.barrier()
+        dist.shutdown()
+
+
 def load(path: str | os.PathLike, env=None, ema: bool = True, overrides: list[str] = ()) -> Loaded:
     """A run, training or evaluation checkpoint; or a recipe (.yaml): its model with random weights,
     for timing an architecture."""
