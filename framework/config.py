@@ -112,8 +112,9 @@ class LauncherConfig:
     constraint: Optional[str] = None
     mem: Optional[str] = None
     cpus_per_task: int = 8
-    signal_delay_s: int = 120
-    max_requeues: int = 20
+    signal_delay_s: int = 120  # USR2 this long before the time limit: time to finish a step and checkpoint
+    max_requeues: int = 20  # requeues after time limits (preemptions requeue without limit)
+    job_name: str = ""  # default: the run folder's name
 
 
 @dataclass
