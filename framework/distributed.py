@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import re
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -47,6 +47,27 @@ def first_host(nodelist: str) -> str:
         return prefix
     first = bracket.split(",")[0].split("-")[0]
     return prefix + first
+
+
+def node_address(host: str) -> str:
+    """An address for a Slurm node name: the name if it resolves, else the node's NodeAddr
+    (`scontrol show node`), e.g. the nodes of slurm/local_cluster.sh, all on 127.0.0.1."""
+    try:
+        socket.gethostbyname(host)
+        return host
+    except OSError:
+        pass
+    import subprocess
+
+    try:
+        out = subprocess.run(["scontrol", "show", "node", "-o", host], capture_output=True, text=True,
+                             timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return host
+    for field in out.split():
+        if field.startswith("NodeAddr="):
+            return field.split("=", 1)[1]
+    return host
 
 
 def _free_port() -> int:
@@ -87,6 +108,8 @@ def init(env: DistEnv | None = None) -> DistEnv:
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     env = env or detect()
+    if env.source == "slurm" and not os.environ.get("MASTER_ADDR"):
+        env = replace(env, master_addr=node_address(env.master_addr))
     os.environ.update(RANK=str(env.rank), LOCAL_RANK=str(env.local_rank), WORLD_SIZE=str(env.world_size),
                       LOCAL_SIZE=os.environ.get("LOCAL_WORLD_SIZE", str(env.world_size)),
                       MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port))

@@ -16,33 +16,15 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import submitit
 
+from .distributed import node_address
+
 EXIT_REQUEUE = 75
-
-
-def node_address(host: str) -> str:
-    """An address for a Slurm node name: DNS if it resolves, else the node's NodeAddr."""
-    try:
-        socket.gethostbyname(host)
-        return host
-    except OSError:
-        pass
-    try:
-        out = subprocess.run(["scontrol", "show", "node", "-o", host], capture_output=True, text=True,
-                             timeout=30).stdout
-        for field in out.split():
-            if field.startswith("NodeAddr="):
-                return field.split("=", 1)[1]
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return host
 
 
 def job_port(job_id: str) -> int:

@@ -176,3 +176,17 @@ def test_stop_leaves_no_daemon_running(tmp_path):
         assert not os.path.exists(f"/proc/{pid}") or "zombie" in Path(f"/proc/{pid}/status").read_text().lower(), name
     assert "not running" in cluster("status", e).stdout
     assert cluster("stop", e).returncode == 0  # idempotent: already stopped
+
+
+def test_plain_srun_ranks_find_each_other_by_slurm_variables(slurm, tmp_path):
+    """Tools started with srun (no launcher): rank, world and master from SLURM's variables; the
+    first node's name (n1, not in DNS) is resolved to its NodeAddr."""
+    script = tmp_path / "ranks.py"
+    script.write_text("import torch\nfrom framework import distributed as d\nenv = d.init()\n"
+                      "t = d.all_reduce_sum(torch.ones(1))\nprint('rank', env.rank, 'of', env.world_size, env.source, "
+                      "env.master_addr, int(t))\nd.shutdown()\n")
+    p = subprocess.run(["srun", "-N2", "-n2", "--cpus-per-task=1", sys.executable, str(script)], cwd=REPO,
+                       env=slurm, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    lines = sorted(ln for ln in p.stdout.splitlines() if ln.startswith("rank"))
+    assert lines == ["rank 0 of 2 slurm 127.0.0.1 2", "rank 1 of 2 slurm 127.0.0.1 2"], p.stdout
