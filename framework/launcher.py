@@ -24,9 +24,6 @@ import submitit
 
 from .distributed import node_address
 
-EXIT_REQUEUE = 75
-
-
 def job_port(job_id: str) -> int:
     digits = "".join(ch for ch in str(job_id) if ch.isdigit()) or "0"
     return 20000 + int(digits) % 20000
@@ -48,7 +45,7 @@ class TrainJob(submitit.helpers.Checkpointable):
 
     def __call__(self) -> str:
         from .config import load_recipe
-        from .trainer import train
+        from .trainer import EXIT_REQUEUE, train
 
         job_env = submitit.JobEnvironment()
         export_rank_env(job_env, self.local)

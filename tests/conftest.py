@@ -13,6 +13,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 VAE = str(REPO / "recipes" / "vae" / "mnist5k.yaml")
 DCGAN = str(REPO / "recipes" / "dcgan" / "mnist5k.yaml")
+NVAE = str(REPO / "recipes" / "nvae" / "mnist5k.yaml")
 
 # The bundled MNIST digits as a real .beton, written once per machine (content is deterministic).
 MNIST_BETON = REPO / ".cache" / "test_data" / "mnist5k.beton"
@@ -31,6 +32,10 @@ def pytest_configure(config):
 TINY_VAE = [f"data.path={MNIST_BETON}", "model.width=8", "model.latent_dim=8", "model.num_mix=2", "data.batch_size=8",
             "data.eval_batch_size=64", "train.progress=false", "train.eval_every=0", "train.sample_every=0",
             "train.num_samples=4", "engine.schedule.warmup_steps=2", "train.ema=0.99"]
+TINY_NVAE = [f"data.path={MNIST_BETON}", "model.num_channels_enc=8", "model.num_channels_dec=8",
+             "model.num_groups_per_scale=2", "model.num_latent_per_group=4", "data.batch_size=8",
+             "data.eval_batch_size=64", "train.progress=false", "train.eval_every=0", "train.sample_every=0",
+             "train.num_samples=4", "engine.schedule.warmup_steps=2"]
 TINY_GAN = [f"data.path={MNIST_BETON}", "model.width=8", "model.z_dim=8", "data.batch_size=8",
             "train.progress=false", "train.num_samples=4"]
 

@@ -9,17 +9,12 @@ import sys
 import pytest
 import torch
 
-from conftest import MNIST_BETON, REPO, TINY_VAE, VAE, env, free_port, run_train
+from conftest import MNIST_BETON, NVAE, REPO, TINY_NVAE, TINY_VAE, VAE, env, free_port, run_train
 from framework.eval.bpd import evaluate_bpd, image_log_weights
 from framework.eval.checkpoints import load
 from framework.eval.recalibrate import recalibrate
 from framework.models.nvae.fast import fold
 
-NVAE = str(REPO / "recipes" / "nvae" / "mnist5k.yaml")
-TINY_NVAE = [f"data.path={MNIST_BETON}", "model.num_channels_enc=8", "model.num_channels_dec=8",
-             "model.num_groups_per_scale=2", "model.num_latent_per_group=4", "data.batch_size=8",
-             "data.eval_batch_size=64", "train.progress=false", "train.eval_every=0", "train.sample_every=0",
-             "train.num_samples=4", "engine.schedule.warmup_steps=2"]
 
 
 def tool(name: str, *args: str, nproc: int = 1, check: bool = True) -> subprocess.CompletedProcess:

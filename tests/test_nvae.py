@@ -7,17 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import MNIST_BETON, REPO, metrics, run_train, train_losses
+from conftest import MNIST_BETON, NVAE, REPO, TINY_NVAE, metrics, run_train, train_losses
 from framework.models.nvae.distributions import DiscMixLogistic, Normal
 from framework.models.nvae.model import AutoEncoder, kl_balancer_alpha
 from framework.models.nvae.ops import Conv2D
 from framework.models.nvae.task import ModelConfig
-
-NVAE = str(REPO / "recipes" / "nvae" / "mnist5k.yaml")
-TINY_NVAE = [f"data.path={MNIST_BETON}", "model.num_channels_enc=8", "model.num_channels_dec=8",
-             "model.num_groups_per_scale=2", "model.num_latent_per_group=4", "data.batch_size=8",
-             "data.eval_batch_size=64", "train.progress=false", "train.eval_every=0", "train.sample_every=0",
-             "train.num_samples=4", "engine.schedule.warmup_steps=2"]
 
 
 # -- the likelihood ----------------------------------------------------------------------------

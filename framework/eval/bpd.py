@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 import time
 
-import numpy as np
 import torch
 
 from .. import distributed as dist
@@ -23,11 +22,11 @@ from ..data import to_model_input
 from ..data.loader import BetonInfo, EvalLoader
 from ..data.order import EvalShard
 from ..errors import UserError
-from .checkpoints import Loaded
+from .checkpoints import Loaded, seeded_generator
 
 
 def _generator(seed: int, index: int, stream: int) -> torch.Generator:
-    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, 13, index, stream]).generate_state(1)[0]))
+    return seeded_generator(seed, 13, index, stream)
 
 
 def check_family(loaded: Loaded) -> None:

@@ -37,6 +37,13 @@ EVAL_STATE = "eval.json"
 EVAL_WEIGHTS = "model.pt"
 
 
+def seeded_generator(seed: int, tag: int, *stream: int) -> torch.Generator:
+    """A CPU generator seeded from (seed, tag, *stream): the tools' noise, independent of rank layout."""
+    import numpy as np
+
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, tag, *stream]).generate_state(1)[0]))
+
+
 def is_eval_checkpoint(p: Path) -> bool:
     return (p / EVAL_WEIGHTS).is_file() and (p / EVAL_STATE).is_file()
 

@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
 import torch
 
 from .. import distributed as dist
 from ..errors import UserError
-from .checkpoints import Loaded, derived_path, write_eval_checkpoint
+from .checkpoints import Loaded, derived_path, seeded_generator, write_eval_checkpoint
 
 
 def bn_layers(loaded: Loaded) -> list:
@@ -29,7 +28,7 @@ def bn_layers(loaded: Loaded) -> list:
 
 
 def sample_generator(seed: int, rank: int, it: int) -> torch.Generator:
-    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, 11, rank, it]).generate_state(1)[0]))
+    return seeded_generator(seed, 11, rank, it)
 
 
 @torch.no_grad()

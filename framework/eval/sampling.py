@@ -6,16 +6,15 @@ import statistics
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ..errors import UserError
 from ..images import save_grid
-from .checkpoints import Loaded
+from .checkpoints import Loaded, seeded_generator
 
 
 def _generator(seed: int, *stream: int) -> torch.Generator:
-    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, 17, *stream]).generate_state(1)[0]))
+    return seeded_generator(seed, 17, *stream)
 
 
 def check_temperatures(temps) -> list[float]:
