@@ -41,11 +41,14 @@ DEMO_RUN ?= runs/nvae_mnist5k
 
 # Trains the small NVAE, then the after-training chain on its newest checkpoint: BN recalibration
 # (100 iterations, a demo-sized share of NVAE's 500), bits/dim by importance weighting with K=8,
-# the sampling profile (plain vs fast path) and sample grids at three temperatures.
+# the sampling profile (plain vs fast path) and sample grids at three temperatures. (The
+# recalibration's output goes through a file, not `tee /dev/stderr`, which would truncate a log
+# that stdout and stderr share: make demo >log 2>&1.)
 demo: setup data/mnist5k.beton
 	$(PY) -m framework.train recipes/nvae/mnist5k.yaml run.dir=$(DEMO_RUN) $(ARGS)
 	@set -e; \
-	ck=$$($(PY) tools/recalibrate_bn.py $(DEMO_RUN) --iters 100 | tee /dev/stderr | sed -n 's/^wrote //p'); \
+	$(PY) tools/recalibrate_bn.py $(DEMO_RUN) --iters 100 --overwrite > $(DEMO_RUN)/recalibrate.log; \
+	cat $(DEMO_RUN)/recalibrate.log; ck=$$(sed -n 's/^wrote //p' $(DEMO_RUN)/recalibrate.log); \
 	$(PY) tools/eval_bpd.py $$ck --iw-samples 8; \
 	$(PY) tools/profile_sampling.py $$ck --batch-sizes 1,36 --repeats 5 --json $$ck.profile.json | grep -v '^{'; \
 	$(PY) tools/sample.py $$ck --n 64 --temperatures 0.6,0.8,1.0; \

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Dict, Optional
 
 import yaml
 from omegaconf import DictConfig, ListConfig, MISSING, OmegaConf
@@ -37,6 +38,7 @@ class DataConfig:
     eval_batch_size: int = 0  # 0: same as batch_size
     workers: int = 2
     flip: bool = False  # random horizontal flip of training images
+    fields: list[str] = field(default_factory=list)  # .beton fields to read besides the family's own (e.g. label)
 
 
 @dataclass
@@ -65,6 +67,19 @@ class EngineConfig:
     activation_checkpointing: str = "none"  # none | blocks
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    # per-engine settings, engine name -> {optimizer, schedule, clip, start_step}: each replaces the
+    # block above for that engine only (e.g. a discriminator's lr, or its first step)
+    engines: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PerEngineConfig:
+    """What may differ between the engines of one run (the rest of `engine:` is shared)."""
+
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    clip: float = 0.0
+    start_step: int = 0  # the engine does no work before this step (a VQGAN's disc_start)
 
 
 @dataclass
@@ -82,6 +97,7 @@ class DebugConfig:
     nan_loss_at_steps: list[int] = field(default_factory=list)
     sleep_after_step_s: float = 0.0
     sleep_in_checkpoint_s: float = 0.0
+    sleep_in_eval_s: float = 0.0
 
 
 @dataclass
@@ -96,6 +112,7 @@ class TrainConfig:
     keep_checkpoints: int = 3
     ema: float = 0.0  # EMA decay of the weights; 0 disables
     progress: bool = True
+    resume_changed: str = "refuse"  # refuse | allow: resume a checkpoint although training keys changed
     skip: SkipConfig = field(default_factory=SkipConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
 
@@ -127,12 +144,96 @@ class Recipe:
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
 
 
+@dataclass(frozen=True)
+class Range:
+    """The valid values of a numeric key: lo <= v <= hi (or < where open; None: unbounded)."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def __contains__(self, v) -> bool:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
+            return False
+        if self.lo is not None and (v <= self.lo if self.lo_open else v < self.lo):
+            return False
+        if self.hi is not None and (v >= self.hi if self.hi_open else v > self.hi):
+            return False
+        return True
+
+    def __str__(self) -> str:
+        if self.hi is None:
+            return f"{'>' if self.lo_open else '>='} {self.lo:g}"
+        if self.lo is None:
+            return f"{'<' if self.hi_open else '<='} {self.hi:g}"
+        return f"in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+
+
+AT_LEAST_0, AT_LEAST_1, POSITIVE, UNIT = Range(0), Range(1), Range(0, lo_open=True), Range(0, 1)
+FRACTION = Range(0, 1, hi_open=True)
+
+ENGINE_RANGES = {
+    "optimizer.lr": AT_LEAST_0, "optimizer.eps": POSITIVE, "optimizer.weight_decay": AT_LEAST_0,
+    "optimizer.betas": FRACTION, "schedule.warmup_steps": AT_LEAST_0, "schedule.min_lr": AT_LEAST_0,
+    "clip": AT_LEAST_0, "start_step": AT_LEAST_0,
+}
+
+# Every numeric key of the schemas has its range here (model.* keys: the family's RANGES);
+# tests/test_recipes.py checks that none is left out.
+RANGES = {
+    "run.seed": Range(0, 2**32 - 1),
+    "data.resolution": Range(1, 8192), "data.channels": Range(1, 3), "data.num_bits": Range(1, 8),
+    "data.batch_size": AT_LEAST_1, "data.eval_batch_size": AT_LEAST_0, "data.workers": Range(0, 256),
+    "engine.zero_stage": Range(0, 3), "engine.grad_accum": AT_LEAST_1,
+    **{f"engine.{k}": v for k, v in ENGINE_RANGES.items() if k != "start_step"},
+    "train.steps": AT_LEAST_1, "train.log_every": AT_LEAST_1, "train.eval_every": AT_LEAST_0,
+    "train.sample_every": AT_LEAST_0, "train.num_samples": Range(1, 4096), "train.sample_temperature": POSITIVE,
+    "train.checkpoint_every": AT_LEAST_0, "train.keep_checkpoints": AT_LEAST_0, "train.ema": FRACTION,
+    "train.skip.grad_norm_threshold": AT_LEAST_0, "train.skip.loss_threshold": AT_LEAST_0,
+    "train.skip.max_consecutive": AT_LEAST_1, "train.debug.nan_loss_at_steps": AT_LEAST_1,
+    "train.debug.sleep_after_step_s": AT_LEAST_0, "train.debug.sleep_in_checkpoint_s": AT_LEAST_0,
+    "train.debug.sleep_in_eval_s": AT_LEAST_0,
+    "launcher.nodes": AT_LEAST_1, "launcher.gpus_per_node": Range(0, 64), "launcher.tasks_per_node": Range(0, 1024),
+    "launcher.cpus_per_task": AT_LEAST_1, "launcher.signal_delay_s": AT_LEAST_0, "launcher.max_requeues": AT_LEAST_0,
+}
+
+
+def _check_ranges(cfg: DictConfig, where: str, ranges: dict, prefix: str = "") -> None:
+    for key, rng in ranges.items():
+        value = OmegaConf.select(cfg, key)
+        values = list(value) if isinstance(value, (list, ListConfig)) else [value]
+        for v in values:
+            if v is None:
+                continue
+            if v not in rng:
+                raise UserError(f"{where}: key '{prefix}{key}' is {v!r}; it must be {rng}")
+
+
+def numeric_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
+    """Every int/float (or list of int/float) key of a structured config, dotted (by the schema's
+    types, so empty lists and missing values count too)."""
+    from omegaconf.nodes import FloatNode, IntegerNode
+
+    out = []
+    for k in cfg.keys():
+        node = cfg._get_node(k)
+        if isinstance(node, DictConfig):
+            out += numeric_keys(node, f"{prefix}{k}.")
+        elif isinstance(node, (IntegerNode, FloatNode)):
+            out.append(f"{prefix}{k}")
+        elif isinstance(node, ListConfig) and node._metadata.element_type in (int, float):
+            out.append(f"{prefix}{k}")
+    return out
+
+
 CHOICES = {
     "engine.precision": ("fp32", "bf16", "fp16"),
     "engine.zero_stage": (0, 1, 2, 3),
     "engine.activation_checkpointing": ("none", "blocks"),
     "engine.optimizer.name": ("adamw", "adamax"),
     "engine.schedule.decay": ("cosine", "constant"),
+    "train.resume_changed": ("refuse", "allow"),
 }
 
 
@@ -258,12 +359,18 @@ def _check(r: DictConfig, where: str, check_files: bool = True) -> None:
         value = OmegaConf.select(r, key)
         if value not in allowed:
             raise UserError(f"{where}: key '{key}' is {value!r}; expected one of {', '.join(map(str, allowed))}")
-    positive = ["data.batch_size", "data.resolution", "engine.grad_accum", "train.steps", "train.log_every"]
-    for key in positive:
-        if OmegaConf.select(r, key) < 1:
-            raise UserError(f"{where}: key '{key}' must be at least 1")
-    if not 1 <= r.data.num_bits <= 8:
-        raise UserError(f"{where}: key 'data.num_bits' must be between 1 and 8")
+    _check_ranges(r, where, RANGES)
+    from .models import family_module
+
+    fam = family_module(r.model.family, where)
+    _check_ranges(r.model, where, getattr(fam, "RANGES", {}), "model.")
+    if r.data.channels not in (1, 3):
+        raise UserError(f"{where}: key 'data.channels' is {r.data.channels}; expected 1 (grey) or 3 (RGB)")
+    stages = getattr(fam.Task, "zero_stages", (0, 1, 2, 3))
+    if r.engine.zero_stage not in stages:
+        why = getattr(fam.Task, "zero_stages_why", "")
+        raise UserError(f"{where}: key 'engine.zero_stage' is {r.engine.zero_stage}; family {r.model.family!r} "
+                        f"supports ZeRO {', '.join(map(str, stages))}{' (' + why + ')' if why else ''}")
     if check_files and not Path(r.data.path).is_file():
         raise UserError(f"{where}: key 'data.path' names a file that does not exist: {r.data.path} "
                         "(write it with tools/write_ffcv.py)")
@@ -275,9 +382,64 @@ def to_yaml(recipe: DictConfig) -> str:
     return OmegaConf.to_yaml(recipe, resolve=True)
 
 
+# Keys that change what is logged, kept or shown, but not the numbers a run computes: they may
+# change between a checkpoint and its resume. Every other key must match (train.resume_changed).
+NOT_TRAINING = ("run.dir", "launcher.", "train.progress", "train.log_every", "train.eval_every",
+                "train.sample_every", "train.num_samples", "train.sample_temperature", "train.checkpoint_every",
+                "train.keep_checkpoints", "train.resume_changed", "train.debug.", "data.workers",
+                "data.eval_batch_size", "data.path")
+
+
+def _flatten(d: Any, prefix: str = "") -> dict:
+    out = {}
+    if isinstance(d, dict):
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: d}
+
+
+def training_keys(recipe: DictConfig) -> dict:
+    """dotted key -> value of every key that must match for a resumed run to continue exactly."""
+    flat = _flatten(OmegaConf.to_container(recipe, resolve=True))
+    return {k: v for k, v in flat.items() if not any(k == x or (x.endswith(".") and k.startswith(x))
+                                                      for x in NOT_TRAINING)}
+
+
 def recipe_hash(recipe: DictConfig) -> str:
-    return hashlib.sha256(to_yaml(recipe).encode()).hexdigest()[:12]
+    """A hash of the training keys (what a checkpoint records to recognise its recipe)."""
+    return hashlib.sha256(json.dumps(training_keys(recipe), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def as_dict(cfg: DictConfig | ListConfig) -> Any:
     return OmegaConf.to_container(cfg, resolve=True)
+
+
+def engine_config(recipe: DictConfig, name: str, family_defaults: dict | None = None,
+                  where: str = "recipe") -> DictConfig:
+    """Engine `name`'s settings: the shared `engine:` block, then the family's defaults for that
+    engine, then the recipe's `engine.engines.<name>`; unknown keys are errors."""
+    e = recipe.engine
+    base = OmegaConf.structured(PerEngineConfig)
+    base = OmegaConf.merge(base, {"optimizer": e.optimizer, "schedule": e.schedule, "clip": e.clip})
+    layers = [(f"family default for engine {name!r}", family_defaults or {})]
+    if name in e.engines:
+        layers.append((f"{where}: engine.engines.{name}", e.engines[name]))
+    for what, layer in layers:
+        try:
+            base = OmegaConf.merge(base, layer)
+        except OmegaConfBaseException as ex:
+            key = getattr(ex, "full_key", "?")
+            raise UserError(f"{what}: key '{key}' is not a per-engine setting (optimizer, schedule, clip, "
+                            f"start_step) or has the wrong type") from None
+    per = OmegaConf.to_container(base, resolve=True)
+    full = OmegaConf.merge(OmegaConf.to_container(e, resolve=True), {k: per[k] for k in ("optimizer", "schedule", "clip")})
+    full = OmegaConf.create({**OmegaConf.to_container(full), "start_step": per["start_step"]})
+    for key, allowed in (("optimizer.name", CHOICES["engine.optimizer.name"]),
+                         ("schedule.decay", CHOICES["engine.schedule.decay"])):
+        if OmegaConf.select(full, key) not in allowed:
+            raise UserError(f"{where}: engine {name!r}: key '{key}' is {OmegaConf.select(full, key)!r}; "
+                            f"expected one of {', '.join(allowed)}")
+    _check_ranges(full, f"{where}: engine {name!r}", ENGINE_RANGES)
+    OmegaConf.set_readonly(full, True)
+    return full

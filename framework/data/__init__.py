@@ -25,16 +25,24 @@ def to_model_input(x: torch.Tensor, num_bits: int, device, dtype: torch.dtype = 
     return y.to(dtype)
 
 
-def build_loaders(cfg, env, grad_accum: int, seed: int):
+def read_fields(cfg, task_fields) -> tuple:
+    """The fields a run reads: the family's, then the recipe's data.fields."""
+    return tuple(dict.fromkeys([*task_fields, *cfg.fields]))
+
+
+def build_loaders(cfg, env, grad_accum: int, seed: int, fields=("image",)):
     """(TrainLoader, EvalLoader) for this rank, from the recipe's `data:` block."""
     from .loader import BetonInfo, EvalLoader, TrainLoader
 
     info = BetonInfo(cfg.path)
-    info.check_shape(cfg.resolution)
+    fields = read_fields(cfg, fields)
+    info.check_fields(fields)
+    if "image" in fields:
+        info.check_shape(cfg.resolution)
     if cfg.channels not in (1, 3):
         raise UserError(f"key 'data.channels' is {cfg.channels}; expected 1 (grey, the first channel) or 3 (RGB)")
     train = TrainLoader(info, GlobalOrder(info.ids("train"), cfg.batch_size, env.world_size, env.rank, grad_accum,
-                                          seed), cfg.channels, cfg.workers, cfg.flip)
+                                          seed), cfg.channels, cfg.workers, cfg.flip, fields)
     ev = EvalLoader(info, EvalShard(info.ids("val"), cfg.eval_batch_size or cfg.batch_size, env.world_size,
-                                    env.rank), cfg.channels, cfg.workers)
+                                    env.rank), cfg.channels, cfg.workers, fields)
     return train, ev

@@ -1,9 +1,13 @@
 """FFCV loaders over a .beton written by framework.data.write (tools/write_ffcv.py).
 
-FFCV's compiled pipeline decodes the images (libjpeg-turbo, in `workers` threads) into batch
-buffers it reuses; each batch is copied out at once (`_own`) so what the trainer keeps is its
-own. The order comes from framework.data.order: FFCV is told exactly which ids to read and
-in which order, epoch by epoch, starting mid-epoch when a run resumes.
+FFCV's compiled pipeline decodes the fields a task reads (images with libjpeg-turbo in
+`workers` threads, labels, stored arrays such as code grids) into batch buffers it reuses; each
+batch is copied out at once (`_own`) so what the trainer keeps is its own. A batch is a dict:
+field name -> tensor, plus `index`, each row's index in the .beton. The order comes from
+framework.data.order: FFCV is told exactly which ids to read and in which order, epoch by epoch,
+starting mid-epoch when a run resumes. A .beton is checked when it is opened: its header's
+sizes against the file, and an allocation-table entry for every stored item (a file cut short
+loses its table, and FFCV would read the lost items back as zeros).
 """
 from __future__ import annotations
 
@@ -16,11 +20,19 @@ from ..errors import UserError
 from .order import EvalShard, GlobalOrder
 
 SPLITS = {"train": 0, "val": 1}
+VIRTUAL = ("index",)  # fields every batch can have without storing them
 
 
 def _own(x: torch.Tensor, channels: int) -> torch.Tensor:
     """A copy of FFCV's (B, 3, H, W) uint8 batch buffer, keeping the first `channels` channels."""
     return x[:, :channels].clone(memory_format=torch.contiguous_format)
+
+
+def _own_field(name: str, x: torch.Tensor, channels: int) -> torch.Tensor:
+    if name == "image":
+        return _own(x, channels)
+    x = x.clone()
+    return x.reshape(-1) if name in ("label", "split") else x
 
 
 class BetonInfo:
@@ -36,20 +48,55 @@ class BetonInfo:
             self.reader = Reader(str(self.path))
         except Exception as e:  # FFCV asserts / numpy errors on a foreign file
             raise UserError(f"{self.path}: not a readable .beton file ({type(e).__name__}: {e})".strip()) from None
-        names = self.reader.field_names
-        missing = [n for n in ("image", "label", "split") if n not in names]
+        names = self.field_names = self.reader.field_names
+        missing = [n for n in ("split",) if n not in names]
         if missing:
             raise UserError(f"{self.path}: .beton has no field(s) {', '.join(missing)}; write it with tools/write_ffcv.py")
+        self.num_images = int(self.reader.num_samples)
+        self._verify()
         md = self.reader.metadata
         col = lambda n: md[md.dtype.names[names.index(n)]]  # noqa: E731
-        image = col("image")
-        self.heights = np.asarray(image["height"])
-        self.widths = np.asarray(image["width"])
-        self.modes = np.asarray(image["mode"])  # 0 jpg, 1 raw
-        self._ptrs = np.asarray(image["data_ptr"])
-        self.labels = np.asarray(col("label"))
+        self.has_images = "image" in names
+        if self.has_images:
+            image = col("image")
+            self.heights = np.asarray(image["height"])
+            self.widths = np.asarray(image["width"])
+            self.modes = np.asarray(image["mode"])  # 0 jpg, 1 raw
+            self._ptrs = np.asarray(image["data_ptr"])
+        self.labels = np.asarray(col("label")) if "label" in names else np.zeros(self.num_images, np.int64)
         self.splits = np.asarray(col("split"))
-        self.num_images = int(self.reader.num_samples)
+
+    def _verify(self) -> None:
+        """Refuses a damaged file: sizes in the header against the file, every stored item in the
+        allocation table and inside the data region."""
+        from ffcv.types import ALLOC_TABLE_TYPE
+
+        r, size = self.reader, self.path.stat().st_size
+        at_ptr = int(r.header["alloc_table_ptr"])
+        where = f"{self.path}: damaged .beton"
+        if len(r.metadata) != self.num_images:
+            raise UserError(f"{where}: the header says {self.num_images} items, the file holds metadata for "
+                            f"{len(r.metadata)} (cut short? write it again with tools/write_ffcv.py)")
+        if at_ptr > size or (size - at_ptr) % ALLOC_TABLE_TYPE.itemsize:
+            raise UserError(f"{where}: its allocation table at byte {at_ptr} does not fit a {size}-byte file "
+                            f"(cut short? write it again with tools/write_ffcv.py)")
+        at = r.alloc_table
+        ptrs = [r.metadata[n]["data_ptr"] for n in r.metadata.dtype.names
+                if r.metadata[n].dtype.names and "data_ptr" in r.metadata[n].dtype.names]
+        if ptrs:
+            stored = np.concatenate([np.asarray(p, np.uint64).reshape(-1) for p in ptrs])
+            lost = ~np.isin(stored, at["ptr"])
+            if lost.any():
+                raise UserError(f"{where}: {int(lost.sum())} of {len(stored)} stored items have no allocation-table "
+                                f"entry (cut short? write it again with tools/write_ffcv.py)")
+        if len(at) and int((at["ptr"].astype(np.int64) + at["size"].astype(np.int64)).max()) > at_ptr:
+            raise UserError(f"{where}: an item runs past the data region (write it again with tools/write_ffcv.py)")
+
+    def check_fields(self, fields) -> None:
+        missing = [f for f in fields if f not in self.field_names and f not in VIRTUAL]
+        if missing:
+            raise UserError(f"{self.path}: .beton has no field(s) {', '.join(missing)} (it holds "
+                            f"{', '.join(self.field_names)}); the recipe's family or data.fields reads them")
 
     def ids(self, split: str) -> np.ndarray:
         return np.flatnonzero(self.splits == SPLITS[split])
@@ -68,6 +115,8 @@ class BetonInfo:
         return self.stored_bytes(i)
 
     def check_shape(self, resolution: int, where: str = "data.resolution") -> None:
+        if not self.has_images:
+            return
         sizes = set(zip(self.heights.tolist(), self.widths.tolist()))
         if sizes != {(resolution, resolution)}:
             found = ", ".join(f"{h}x{w}" for h, w in sorted(sizes)[:3])
@@ -85,27 +134,50 @@ class _Plan:
         return self.fn(epoch, self.epoch_start.get(epoch, 0)).astype(np.uint64)
 
 
-def _ffcv_loader(info: BetonInfo, batch: int, workers: int, first_order: np.ndarray, drop_last: bool):
-    from ffcv.fields.decoders import SimpleRGBImageDecoder
-    from ffcv.loader import Loader, OrderOption
+def _pipeline(info: BetonInfo, name: str):
+    from ffcv.fields.decoders import FloatDecoder, IntDecoder, NDArrayDecoder, SimpleRGBImageDecoder
     from ffcv.transforms import ToTensor, ToTorchImage
 
-    return Loader(str(info.path), batch_size=batch, num_workers=max(1, workers), order=OrderOption.SEQUENTIAL,
-                  indices=first_order.astype(np.uint64), os_cache=True, drop_last=drop_last,
-                  pipelines={"image": [SimpleRGBImageDecoder(), ToTensor(), ToTorchImage()],
-                             "label": None, "split": None}, batches_ahead=2)
+    kind = type(info.reader.handlers[name]).__name__
+    if kind == "RGBImageField":
+        return [SimpleRGBImageDecoder(), ToTensor(), ToTorchImage()]
+    decoders = {"IntField": IntDecoder, "FloatField": FloatDecoder, "NDArrayField": NDArrayDecoder}
+    if kind not in decoders:
+        raise UserError(f"{info.path}: field {name!r} is an FFCV {kind}, which the loader cannot hand to a task")
+    return [decoders[kind](), ToTensor()]
+
+
+def _ffcv_loader(info: BetonInfo, batch: int, workers: int, first_order: np.ndarray, drop_last: bool, fields):
+    """-> (FFCV loader, the stored fields it yields, in the order it yields them)."""
+    from ffcv.loader import Loader, OrderOption
+
+    stored = [n for n in info.field_names if n in fields]
+    pipelines = {n: (_pipeline(info, n) if n in stored else None) for n in info.field_names}
+    loader = Loader(str(info.path), batch_size=batch, num_workers=max(1, workers), order=OrderOption.SEQUENTIAL,
+                    indices=first_order.astype(np.uint64), os_cache=True, drop_last=drop_last,
+                    pipelines=pipelines, batches_ahead=2)
+    return loader, stored
+
+
+def _as_batch(stored: list[str], outputs, ids: np.ndarray, fields, channels: int) -> dict:
+    batch = {n: _own_field(n, x, channels) for n, x in zip(stored, outputs)}
+    if "index" in fields:
+        batch["index"] = torch.from_numpy(np.asarray(ids, np.int64).copy())
+    return batch
 
 
 class TrainLoader:
-    """`batch(step)` -> this rank's micro-batches of that global step, uint8 (B, C, H, W)."""
+    """`batch(step)` -> this rank's micro-batches of that global step: dicts of the task's fields
+    (`image`: uint8 (B, C, H, W); `label`, `index`: int64 (B,); stored arrays as written)."""
 
     def __init__(self, info: BetonInfo, order: GlobalOrder, channels: int = 3, workers: int = 2,
-                 flip: bool = False):
-        self.info, self.order, self.channels, self.flip = info, order, channels, flip
+                 flip: bool = False, fields=("image",)):
+        info.check_fields(fields)
+        self.info, self.order, self.channels, self.flip, self.fields = info, order, channels, flip, tuple(fields)
         self.steps_per_epoch = order.steps_per_epoch
         self.global_batch = order.global_batch
         self.batch_size = order.batch
-        self._ffcv = _ffcv_loader(info, order.batch, workers, order.rank_epoch(0), drop_last=True)
+        self._ffcv, self._stored = _ffcv_loader(info, order.batch, workers, order.rank_epoch(0), True, self.fields)
         self._plan = _Plan(lambda e, start: order.rank_epoch(e, start))
         self._ffcv.traversal_order = self._plan
         self._it = None
@@ -125,17 +197,17 @@ class TrainLoader:
     def _flips(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.order.seed, epoch, 0xF11B]).random(self.info.num_images) < 0.5
 
-    def batch(self, step: int) -> list[torch.Tensor]:
+    def batch(self, step: int) -> list[dict]:
         if self._it is None or step != self._next or step % self.steps_per_epoch == 0:
             self._restart(step)
         out = []
         for ids in self.order.indices(step):
-            (x,) = next(self._it)
-            x = _own(x, self.channels)
-            if self.flip:
+            outputs = next(self._it) if self._stored else ()
+            b = _as_batch(self._stored, outputs, ids, self.fields, self.channels)
+            if self.flip and "image" in b:
                 mask = torch.from_numpy(self._flips(step // self.steps_per_epoch)[ids])
-                x[mask] = x[mask].flip(-1)
-            out.append(x)
+                b["image"][mask] = b["image"][mask].flip(-1)
+            out.append(b)
         self._next = step + 1
         return out
 
@@ -146,13 +218,16 @@ class TrainLoader:
 
 
 class EvalLoader:
-    """Iterates (uint8 batch, number of real images in it) over this rank's validation shard."""
+    """Iterates (batch dict, number of real images in it) over this rank's validation shard; the
+    batch always has `index` (padding rows repeat an index of the shard)."""
 
-    def __init__(self, info: BetonInfo, shard: EvalShard, channels: int = 3, workers: int = 2):
-        self.info, self.shard, self.channels = info, shard, channels
+    def __init__(self, info: BetonInfo, shard: EvalShard, channels: int = 3, workers: int = 2, fields=("image",)):
+        info.check_fields(fields)
+        self.info, self.shard, self.channels, self.fields = info, shard, channels, tuple(fields) + ("index",)
         self.batch_size = shard.batch
-        order = shard.padded()
-        self._ffcv = _ffcv_loader(info, shard.batch, workers, order, drop_last=False) if len(order) else None
+        self.order = order = shard.padded()
+        self._ffcv, self._stored = (_ffcv_loader(info, shard.batch, workers, order, False, self.fields)
+                                    if len(order) else (None, []))
 
     def __len__(self) -> int:
         return len(self.shard)
@@ -161,5 +236,6 @@ class EvalLoader:
         if self._ffcv is None:
             return
         self._ffcv.next_epoch = 0
-        for (x,), n in zip(self._ffcv, self.shard.valid_counts()):
-            yield _own(x, self.channels), n
+        b = self.batch_size
+        for j, (outputs, n) in enumerate(zip(self._ffcv, self.shard.valid_counts())):
+            yield _as_batch(self._stored, outputs, self.order[j * b:(j + 1) * b], self.fields, self.channels), n

@@ -22,6 +22,7 @@ from ..data import to_model_input
 from ..data.loader import BetonInfo, EvalLoader
 from ..data.order import EvalShard
 from ..errors import UserError
+from ..task import ImportanceWeights, require
 from .checkpoints import Loaded, seeded_generator
 
 
@@ -30,9 +31,7 @@ def _generator(seed: int, index: int, stream: int) -> torch.Generator:
 
 
 def check_family(loaded: Loaded) -> None:
-    if not hasattr(loaded.task, "log_weights"):
-        raise UserError(f"{loaded.path}: family {loaded.family!r} has no importance weights "
-                        f"(eval_bpd.py supports nvae)")
+    require(loaded.task, ImportanceWeights, f"{loaded.path}: eval_bpd.py")
 
 
 @torch.no_grad()
@@ -81,7 +80,7 @@ def evaluate_bpd(loaded: Loaded, split: str = "val", iw_samples: int = 1000, bat
     for j, (xb, n) in enumerate(loader):
         if n == 0:
             continue
-        x = to_model_input(xb[:n], d.num_bits, loaded.device)
+        x = to_model_input(xb["image"][:n], d.num_bits, loaded.device)
         lw = image_log_weights(loaded, x, order[j * batch_size:j * batch_size + n], iw_samples, chunk, seed)
         nll = -(torch.logsumexp(lw, dim=1) - math.log(iw_samples))
         nelbo = -lw.mean(dim=1)

@@ -67,6 +67,16 @@ def recipe_of(ckpt: Path) -> Path:
     raise UserError(f"{ckpt}: no recipe.yaml beside it (looked in {ckpt} and {ckpt.parent.parent})")
 
 
+def _load_file(f: Path):
+    """torch.load of a checkpoint file; a damaged one is a one-line UserError naming it."""
+    from ..checkpoint import DamagedCheckpoint, _torch_load
+
+    try:
+        return _torch_load(f)
+    except DamagedCheckpoint as e:
+        raise UserError(f"{e} (a damaged checkpoint: use an earlier one)") from None
+
+
 def _zero3_partition(shards: list[torch.Tensor], numel: int) -> torch.Tensor:
     """ZeRO-3 gives rank r the flat elements [r p, (r + 1) p) of each parameter, p = ceil(numel / world),
     the last shard padded; joined again here."""
@@ -77,7 +87,7 @@ def _module_state(ckpt: Path, name: str) -> dict:
     # ZeRO-0/1/2: mp_rank_00_model_states.pt; ZeRO-3: one per rank, rank 0's holds the buffers
     for f in (ckpt / name / "mp_rank_00_model_states.pt", ckpt / name / "zero_pp_rank_0_mp_rank_00_model_states.pt"):
         if f.is_file():
-            return torch.load(f, map_location="cpu", weights_only=False)
+            return _load_file(f)
     raise UserError(f"{ckpt}: no model states of engine {name!r} (mp_rank_00_model_states.pt missing)")
 
 
@@ -99,13 +109,13 @@ def training_weights(ckpt: Path, name: str, module: torch.nn.Module, state: dict
     files = sorted(ckpt.glob("ema_rank*.pt"), key=lambda f: int(f.stem[len("ema_rank"):]))
     if not files:
         return "model"
-    first = torch.load(files[0], map_location="cpu", weights_only=False)
+    first = _load_file(files[0])
     params = list(module.parameters())
     if first.get("sharded"):
         world = state.get("world_size", len(files))
         if len(files) != world:
             raise UserError(f"{ckpt}: {len(files)} EMA shards for world size {world}")
-        shards = [first["shadow"]] + [torch.load(f, map_location="cpu", weights_only=False)["shadow"]
+        shards = [first["shadow"]] + [_load_file(f)["shadow"]
                                       for f in files[1:]]
         shadow = [_zero3_partition([s[i] for s in shards], p.numel()).view(p.shape) for i, p in enumerate(params)]
     else:
@@ -129,6 +139,7 @@ class Loaded:
     env: object
     device: torch.device
     info: dict = field(default_factory=dict)  # weights (ema|model), bn (recalibration record or None), source
+    frozen: dict = field(default_factory=dict)  # the task's frozen modules, on the device
 
     @property
     def family(self) -> str:
@@ -142,9 +153,10 @@ class Loaded:
     def ctx(self, batch_size: int = 1) -> StepContext:
         """The StepContext a task's sample/evaluate expect, over these modules (no engines)."""
         engines = {n: SimpleNamespace(module=m) for n, m in self.modules.items()}
-        return StepContext(step=0, micro=0, engines=engines, device=self.device, dtype=torch.float32,
-                           rank=self.env.rank, world_size=self.env.world_size, batch_size=batch_size, grad_accum=1,
-                           seed=self.recipe.run.seed)
+        return StepContext(step=0, micro=0, device=self.device, dtype=torch.float32, rank=self.env.rank,
+                           world_size=self.env.world_size, batch_size=batch_size, grad_accum=1,
+                           seed=self.recipe.run.seed, phase="sample", rows=list(range(batch_size)),
+                           _engines=engines, _frozen=self.frozen)
 
     def describe(self) -> str:
         bn = self.info.get("bn")
@@ -184,13 +196,17 @@ def load(path: str | os.PathLike, env=None, ema: bool = True, overrides: list[st
         info = {"source": str(ckpt), "weights": "random (recipe)", "bn": None}
     elif is_eval_checkpoint(ckpt):
         info = json.loads((ckpt / EVAL_STATE).read_text())
-        weights = torch.load(ckpt / EVAL_WEIGHTS, map_location="cpu", weights_only=False)
+        weights = _load_file(ckpt / EVAL_WEIGHTS)
         for name, module in modules.items():
             if name not in weights:
                 raise UserError(f"{ckpt / EVAL_WEIGHTS}: holds no module {name!r}")
             module.load_state_dict(weights[name])
     else:
-        state = json.loads((ckpt / STATE_FILE).read_text())
+        try:
+            state = json.loads((ckpt / STATE_FILE).read_text())
+        except (OSError, ValueError) as e:
+            raise UserError(f"{ckpt / STATE_FILE}: unreadable ({type(e).__name__}: {e}) (a damaged checkpoint: use "
+                            f"an earlier one)") from None
         info = {"source": str(ckpt), "step": state.get("step"), "bn": None}
         ema_name = task.ema_module or task.main or next(iter(modules))
         for name, module in modules.items():
@@ -201,7 +217,10 @@ def load(path: str | os.PathLike, env=None, ema: bool = True, overrides: list[st
                 info["weights"] = used
     for module in modules.values():
         module.to(device).eval()
-    return Loaded(ckpt, recipe, task, modules, env, device, info)
+    frozen = task.frozen_modules()
+    for module in frozen.values():
+        module.to(device).eval().requires_grad_(False)
+    return Loaded(ckpt, recipe, task, modules, env, device, info, frozen)
 
 
 def derived_path(ckpt: Path, suffix: str) -> Path:

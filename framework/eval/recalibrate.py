@@ -17,13 +17,12 @@ import torch
 
 from .. import distributed as dist
 from ..errors import UserError
+from ..task import BatchNormRecalibration, require
 from .checkpoints import Loaded, derived_path, seeded_generator, write_eval_checkpoint
 
 
 def bn_layers(loaded: Loaded) -> list:
-    if not hasattr(loaded.task, "bn_layers"):
-        raise UserError(f"{loaded.path}: family {loaded.family!r} has no BatchNorm to recalibrate "
-                        f"(recalibrate_bn.py supports nvae)")
+    require(loaded.task, BatchNormRecalibration, f"{loaded.path}: recalibrate_bn.py")
     return loaded.task.bn_layers(loaded.module)
 
 
@@ -83,10 +82,20 @@ def recalibrate(loaded: Loaded, temperature: float = 0.7, batch_size: int = 0, i
 
 
 def recalibrate_checkpoint(loaded: Loaded, temperature: float = 0.7, batch_size: int = 0, iters: int = 500,
-                           seed: int = 0, progress: bool = True):
-    """Recalibrates and writes `<checkpoint>_bn-t<T>` beside the source; -> (path, record)."""
-    record = recalibrate(loaded, temperature, batch_size, iters, seed, progress)
+                           seed: int = 0, progress: bool = True, overwrite: bool = False):
+    """Recalibrates and writes `<checkpoint>_bn-t<T>` beside the source; -> (path, record). An existing
+    one is refused unless `overwrite`; then the figures written beside it (`<it>.*.json`: bits/dim,
+    profile), which described the old statistics, are removed with it."""
     out = derived_path(loaded.path, f"_bn-t{temperature:g}")
+    stale = sorted(out.parent.glob(f"{out.name}.*.json"))
+    if out.exists() and not overwrite:
+        extra = f" and {len(stale)} result file(s) beside it" if stale else ""
+        raise UserError(f"{out}: a recalibrated checkpoint exists already{extra}; pass --overwrite to replace "
+                        f"them")
+    record = recalibrate(loaded, temperature, batch_size, iters, seed, progress)
+    if loaded.env.is_main:
+        for f in stale:
+            f.unlink(missing_ok=True)
     info = {**loaded.info, "source": loaded.info.get("source", str(loaded.path)), "bn": record}
     write_eval_checkpoint(loaded, out, info)
     return out, record

@@ -10,6 +10,7 @@ import torch
 
 from ..errors import UserError
 from ..images import save_grid
+from ..task import FastSampling, PriorSampling, Samples, has, require
 from .checkpoints import Loaded, seeded_generator
 
 
@@ -43,6 +44,7 @@ def grid_paths(loaded: Loaded, temps: list[float], out: str | None) -> list[Path
 @torch.no_grad()
 def sample_grids(loaded: Loaded, n: int, temps, out: str | None = None, seed: int = 0) -> list[Path]:
     """One PNG grid of n samples per temperature (the same noise at every temperature)."""
+    require(loaded.task, Samples, f"{loaded.path}: sample.py")
     temps = check_temperatures(temps)
     if n < 1:
         raise UserError(f"--n must be at least 1, got {n}")
@@ -94,11 +96,10 @@ def profile_sampling(loaded: Loaded, batch_sizes=(1, 4, 16, 36), temperature: fl
     if not batch_sizes or min(batch_sizes) < 1:
         raise UserError("--batch-sizes: positive integers, e.g. 1,4,16,36")
     task, net, dev = loaded.task, loaded.module, loaded.device
+    require(task, PriorSampling, f"{loaded.path}: profile_sampling.py")
     paths = {"plain": net.sample}
-    if fast and hasattr(task, "fast_sampler"):
+    if fast and has(task, FastSampling):
         paths["fast"] = task.fast_sampler(net).sample
-    elif not hasattr(task, "prior_params"):
-        raise UserError(f"{loaded.path}: family {loaded.family!r}: profile_sampling.py supports nvae")
     rows = []
     check = {}
     from tqdm import tqdm

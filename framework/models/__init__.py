@@ -1,11 +1,15 @@
 """The registry of model families: family name -> the module that holds its schema and task.
 
 Adding a family touches framework/models/<family>/, recipes/<family>/ and one line here.
-Each family module defines `ModelConfig` (a dataclass with a `family` field) and `Task`.
+Each family module defines `ModelConfig` (a dataclass with a `family` field), `Task` and
+`RANGES` (the valid range of every numeric key of ModelConfig). A family kept outside the
+framework is registered with FRAMEWORK_FAMILIES="name=python.module[,name=module]" (the tests'
+toy family is).
 """
 from __future__ import annotations
 
 import importlib
+import os
 
 from ..errors import UserError
 
@@ -14,6 +18,11 @@ FAMILIES = {
     "dcgan": "framework.models.dcgan",
     "nvae": "framework.models.nvae",
 }
+
+
+for _entry in filter(None, os.environ.get("FRAMEWORK_FAMILIES", "").split(",")):
+    _name, _, _module = _entry.partition("=")
+    FAMILIES[_name.strip()] = _module.strip()
 
 
 def family_module(name: str, where: str = "recipe"):

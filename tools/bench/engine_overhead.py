@@ -50,7 +50,7 @@ def main(argv=None) -> None:
     m, d = r.model, r.data
     base = VAE(d.channels, d.resolution, m.width, m.latent_dim, m.num_mix, m.blocks_per_scale, d.num_bits)
     train, _ = build_loaders(d, env, 1, 0)
-    batches = [to_model_input(train.batch(s)[0], d.num_bits, "cpu") for s in range(8)]
+    batches = [to_model_input(train.batch(s)[0]["image"], d.num_bits, "cpu") for s in range(8)]
     eps = [torch.randn(args.batch, m.latent_dim) for _ in range(8)]
 
     # (a) the plain loop

@@ -101,7 +101,7 @@ def main() -> None:
 
         def ffcv_epoch(e, ld=ld):
             for s in range(e * ld.steps_per_epoch, (e + 1) * ld.steps_per_epoch):
-                yield from ld.batch(s)
+                yield from (b["image"] for b in ld.batch(s))
         results[f"ffcv_{mode}"] = epochs_per_sec(ffcv_epoch, args.epochs, args.count)
         ld.close()
 

@@ -61,7 +61,7 @@ def child(recipe: str, batch: int, ckpt: str, steps: int, precision: str) -> dic
         if cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        ctx = StepContext(step=s, micro=0, engines={"nvae": _Eng()}, device=dev, dtype=torch.float32, rank=0,
+        ctx = StepContext(step=s, micro=0, _engines={"nvae": _Eng()}, device=dev, dtype=torch.float32, rank=0,
                           world_size=1, batch_size=batch, grad_accum=1, seed=0)
         with torch.autocast(dev.type, dtype=dtype, enabled=precision != "fp32"):
             loss, _ = task.loss("nvae", x, ctx)

@@ -2,6 +2,6 @@
 (discriminator, then generator, each its own DeepSpeed engine) and the adversarial half of
 VQGAN's training, kept small."""
 from .model import Discriminator, Generator
-from .task import ModelConfig, Task
+from .task import RANGES, ModelConfig, Task
 
-__all__ = ["Discriminator", "Generator", "ModelConfig", "Task"]
+__all__ = ["RANGES", "Discriminator", "Generator", "ModelConfig", "Task"]

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ...config import AT_LEAST_1
 from ...task import Task as BaseTask
 from .model import Discriminator, Generator
 
@@ -16,6 +17,9 @@ class ModelConfig:
     family: str = "dcgan"
     z_dim: int = 64
     width: int = 64
+
+
+RANGES = {"z_dim": AT_LEAST_1, "width": AT_LEAST_1}
 
 
 class Task(BaseTask):
@@ -36,7 +40,7 @@ class Task(BaseTask):
         z = ctx.randn(self.z_dim)
         if name == "disc":
             with torch.no_grad():
-                fake = ctx.engines["gen"].module(z)
+                fake = ctx.module("gen")(z)
             d = ctx.model("disc")
             real_logits, fake_logits = d(x), d(fake)
             loss = F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()
@@ -47,5 +51,5 @@ class Task(BaseTask):
         return loss, {}
 
     def sample(self, n, temperature, generator, ctx):
-        z = temperature * torch.randn(n, self.z_dim, generator=generator)
-        return (ctx.engines["gen"].module(z.to(ctx.device, ctx.dtype)) + 1) / 2
+        z = temperature * torch.randn(n, self.z_dim, generator=generator, device=generator.device)
+        return (ctx.module("gen")(z.to(ctx.device, ctx.dtype)) + 1) / 2

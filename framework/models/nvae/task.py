@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ... import distributed as dist
+from ...config import AT_LEAST_0, AT_LEAST_1, POSITIVE, UNIT
 from ...errors import UserError
 from ...task import StepContext
 from ...task import Task as BaseTask
@@ -52,6 +53,20 @@ class ModelConfig:
     weight_decay_norm_init: float = 10.0
     weight_decay_norm_anneal: bool = False
     channels_last: bool = True  # activations in NHWC memory order (faster convolutions)
+    # how a sampling temperature t < 1 acts on the mixture's logistic scale: scale (x t, sharper),
+    # reference (/ t, as NVlabs/NVAE's DiscMixLogistic.sample), none (t only for the latents)
+    output_temperature: str = "scale"
+
+
+RANGES = {
+    **{k: AT_LEAST_1 for k in ("num_channels_enc", "num_channels_dec", "num_latent_scales", "num_groups_per_scale",
+                               "min_groups_per_scale", "num_latent_per_group", "num_cell_per_cond_enc",
+                               "num_cell_per_cond_dec", "num_mixture_dec")},
+    **{k: AT_LEAST_0 for k in ("num_preprocess_blocks", "num_preprocess_cells", "num_postprocess_blocks",
+                               "num_postprocess_cells", "num_nf", "crop_output", "weight_decay_norm")},
+    "kl_anneal_portion": UNIT, "kl_const_portion": UNIT, "kl_const_coeff": UNIT,
+    "weight_decay_norm_init": POSITIVE,
+}
 
 
 def bits_per_dim(nats: torch.Tensor, dims: int) -> torch.Tensor:
@@ -63,17 +78,20 @@ def normal_cdf(x: torch.Tensor) -> torch.Tensor:
 
 
 class Task(BaseTask):
+    zero_stages = (0, 1, 2)
+    zero_stages_why = "its spectral regulariser reads every convolution's whole weight, which ZeRO-3 partitions"
+
     def __init__(self, recipe, env):
         super().__init__(recipe, env)
         m, d = recipe.model, recipe.data
         if m.likelihood not in ("dmol", "bernoulli"):
             raise UserError(f"key 'model.likelihood' is {m.likelihood!r}; expected dmol or bernoulli")
+        if m.output_temperature not in ("scale", "reference", "none"):
+            raise UserError(f"key 'model.output_temperature' is {m.output_temperature!r}; expected scale, "
+                            f"reference or none")
         if m.likelihood == "dmol" and d.channels != 3:
             raise UserError("key 'model.likelihood': dmol models RGB images; set data.channels=3 "
                             "or model.likelihood=bernoulli")
-        if recipe.engine.zero_stage == 3:
-            raise UserError("key 'engine.zero_stage' is 3; NVAE supports ZeRO 0-2 (its spectral regulariser "
-                            "reads every convolution's whole weight, which ZeRO-3 partitions)")
         self.m = m
         self.model = AutoEncoder(m, d.channels, d.resolution, d.num_bits, recipe.engine.activation_checkpointing)
         side = d.resolution - 2 * m.crop_output
@@ -97,12 +115,12 @@ class Task(BaseTask):
 
     # -- pieces ---------------------------------------------------------------------------------
     def _noise(self, ctx: StepContext, batch: int) -> list[torch.Tensor]:
-        return [ctx.randn(*shape, batch=batch) for shape in self.model.latent_shapes]
+        return [ctx.randn(*shape) for shape in self.model.latent_shapes]
 
     def _input(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         if self.m.likelihood != "bernoulli":
             return x
-        u = normal_cdf(ctx.randn(*x.shape[1:], batch=x.shape[0]).float())  # dynamic binarisation
+        u = normal_cdf(ctx.randn(*x.shape[1:]).float())  # dynamic binarisation
         return torch.where(u < (x.float() + 1) / 2, 1.0, -1.0).to(x.dtype)
 
     def _recon(self, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -119,10 +137,10 @@ class Task(BaseTask):
         if not (self.m.kl_balance and coeff < 1.0):
             return coeff * kl_all.sum(1)
         with torch.no_grad():
-            stats = torch.cat([kl_all.abs().sum(0).detach().cpu().double(), torch.tensor([float(kl_all.shape[0])],
-                                                                                           dtype=torch.float64)])
-            stats = dist.all_reduce_sum(stats)
-            mean_abs = (stats[:-1] / stats[-1]).float().to(kl_all.device) + 0.01
+            k = kl_all.detach().double()
+            stats = torch.cat([k.abs().sum(0), k.new_full((1,), float(k.shape[0]))])
+            stats = dist.all_reduce_sum(stats)  # on the device (nccl on CUDA, gloo on the CPU)
+            mean_abs = (stats[:-1] / stats[-1]).float() + 0.01
             w = mean_abs / self.alpha.to(kl_all.device) * mean_abs.sum()
             w = w / w.mean()
         return coeff * (kl_all * w).sum(1)
@@ -147,12 +165,12 @@ class Task(BaseTask):
                    "kl_bpd": bits_per_dim(kl_all.sum(1), self.dims).mean()}
         loss = nelbo_obj
         if lam > 0:
-            module = ctx.engines["nvae"].module
+            module = ctx.module("nvae")
             norm_loss = module.spectral_loss(advance=ctx.micro == 0)
             bn_loss = module.batchnorm_loss()
             loss = loss + lam * (norm_loss + bn_loss)
             metrics.update(norm_loss=norm_loss.detach(), bn_loss=bn_loss.detach())
-        metrics.update(kl_coeff=torch.tensor(coeff), wdn_coeff=torch.tensor(lam))
+        metrics.update(kl_coeff=torch.tensor(coeff, device=ctx.device), wdn_coeff=torch.tensor(lam, device=ctx.device))
         return loss, metrics
 
     def evaluate(self, x, ctx):
@@ -181,7 +199,8 @@ class Task(BaseTask):
         return list(module.bns)
 
     def prior_noise(self, module, n: int, generator: torch.Generator, device) -> list[torch.Tensor]:
-        return [torch.randn((n, *shape), generator=generator).to(device) for shape in module.latent_shapes]
+        return [torch.randn((n, *shape), generator=generator, device=generator.device).to(device)
+                for shape in module.latent_shapes]
 
     def prior_params(self, module, n, temperature, generator, device):
         """Output parameters of n prior samples (what BN recalibration runs)."""
@@ -196,7 +215,8 @@ class Task(BaseTask):
     def images(self, module, params, temperature, generator):
         """Output parameters -> images in [0, 1]: the Bernoulli mean, or a draw from the mixture."""
         out = module.output_dist(params)
-        x = out.mean() if self.m.likelihood == "bernoulli" else out.sample(temperature, generator)
+        x = out.mean() if self.m.likelihood == "bernoulli" else out.sample(temperature, generator,
+                                                                            self.m.output_temperature)
         return (x + 1) / 2
 
     def eval_input(self, x: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
@@ -204,7 +224,7 @@ class Task(BaseTask):
         Bernoulli, unchanged for the mixture."""
         if self.m.likelihood != "bernoulli":
             return x
-        u = torch.stack([torch.rand(x.shape[1:], generator=g) for g in generators]).to(x.device)
+        u = torch.stack([torch.rand(x.shape[1:], generator=g, device=g.device).to(x.device) for g in generators])
         return torch.where(u < (x.float() + 1) / 2, 1.0, -1.0).to(x.dtype)
 
     def log_weights(self, module, x: torch.Tensor, eps: list[torch.Tensor]) -> torch.Tensor:
@@ -215,6 +235,6 @@ class Task(BaseTask):
         return -self._recon(params, x) + log_p - log_q
 
     def sample(self, n, temperature, generator, ctx):
-        net = ctx.engines["nvae"].module
+        net = ctx.module("nvae")
         params = self.prior_params(net, n, temperature, generator, ctx.device)
         return self.images(net, params, temperature, generator)

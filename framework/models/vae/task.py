@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ...config import AT_LEAST_1
 from ...task import StepContext
 from ...task import Task as BaseTask
 from .model import VAE
@@ -18,6 +19,9 @@ class ModelConfig:
     latent_dim: int = 32
     num_mix: int = 10  # logistic mixture components of the likelihood
     blocks_per_scale: int = 1
+
+
+RANGES = {"width": AT_LEAST_1, "latent_dim": AT_LEAST_1, "num_mix": AT_LEAST_1, "blocks_per_scale": AT_LEAST_1}
 
 
 def bits_per_dim(nats: torch.Tensor, dims: int) -> torch.Tensor:
@@ -36,7 +40,7 @@ class Task(BaseTask):
         return {"vae": self.vae}
 
     def _nelbo(self, x: torch.Tensor, ctx: StepContext, engine):
-        eps = ctx.randn(self.vae.latent_dim, batch=x.shape[0])
+        eps = ctx.randn(self.vae.latent_dim)
         recon, kl = engine(x, eps)
         return bits_per_dim(recon, self.dims), bits_per_dim(kl, self.dims)
 
@@ -50,7 +54,7 @@ class Task(BaseTask):
         return {"bpd": recon + kl, "recon_bpd": recon, "kl_bpd": kl}
 
     def sample(self, n, temperature, generator, ctx):
-        vae = ctx.model("vae").module
-        z = temperature * torch.randn(n, self.vae.latent_dim, generator=generator)
-        x = vae.decode(z.to(ctx.device, ctx.dtype)).sample(generator)
+        vae = ctx.module("vae")
+        z = temperature * torch.randn(n, self.vae.latent_dim, generator=generator, device=generator.device)
+        x = vae.decode(z.to(ctx.device, ctx.dtype)).sample(generator=generator)
         return (x + 1) / 2

@@ -1,0 +1,160 @@
+#!/usr/bin/env bash
+# What holds on a CUDA machine, in under 5 minutes on one GPU: no arguments, nothing to set up
+# beyond `make setup`. One line per check: its name, its figure, PASS / FAIL / SKIP; the logs
+# of every check stay in $GPU_CHECK_DIR (default: a fresh temporary folder, printed first).
+#
+#   device-map   the CUDA process group (cpu:gloo,cuda:nccl): all-reduce of a CPU and a CUDA tensor,
+#                an object broadcast, through framework.distributed's helpers
+#   train-1      1 rank on nccl: tiny NVAE, bf16, ZeRO-2, activation checkpointing, 20 steps,
+#                evaluation, checkpoints at 10 and 20 (images/s)
+#   resume-1     the step-20 checkpoint removed, the run resumed from step 10 (largest loss difference)
+#   train-2      2 processes: nccl on 2 GPUs; on 1 GPU both ranks share it over the same device map
+#                with gloo in nccl's place (NCCL refuses two ranks on one device); against 1 process
+#                with the same global batch (largest loss difference)
+#   profile      tools/profile_sampling.py on CUDA: celebahq256 at random weights, plain vs fast path
+#   noise        one training step's latent noise for celebahq256 (batch 4) drawn on the GPU (ms)
+#   xformers     memory-efficient attention on CUDA, when xformers is installed
+set -u
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+OUT=${GPU_CHECK_DIR:-$(mktemp -d /tmp/gpu_check.XXXXXX)}
+mkdir -p "$OUT"
+export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.cache/torch_extensions}
+export PYTHONUNBUFFERED=1
+echo "gpu_check: logs in $OUT"
+FAILED=0
+
+line() { printf '%-11s %-58s %s\n' "$1" "$2" "$3"; [ "$3" = FAIL ] && FAILED=$((FAILED + 1)); return 0; }
+
+if ! $PY -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+  line cuda "torch.cuda.is_available() is False" FAIL
+  exit 1
+fi
+line cuda "$($PY -c 'import torch; print(torch.cuda.get_device_name(0), "x", torch.cuda.device_count(), "| torch", torch.__version__, "cuda", torch.version.cuda, "nccl", ".".join(map(str, torch.cuda.nccl.version())))')" PASS
+NGPU=$($PY -c 'import torch; print(torch.cuda.device_count())')
+
+BETON="$OUT/mnist5k.beton"
+$PY -c "
+from framework.data import sources
+from framework.data.write import write_beton
+write_beton(sources.mnist5k(0.1), '$BETON', 32, 'raw', progress=False)" >"$OUT/data.log" 2>&1 \
+  || { line data "could not write $BETON (see data.log)" FAIL; exit 1; }
+
+# -- device-map ----------------------------------------------------------------------------------
+if timeout 120 $PY - >"$OUT/device-map.log" 2>&1 <<'EOF'
+import os, torch, torch.distributed as td
+from framework import distributed as dist
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(dist._free_port()))
+spec = dist.backend_spec(True)
+td.init_process_group(spec, rank=0, world_size=1)
+a = torch.ones(3); b = torch.ones(3, device="cuda")
+td.all_reduce(a); td.all_reduce(b)
+assert dist.broadcast_object({"x": 1}) == {"x": 1}
+print("OK", spec, td.get_backend())
+td.destroy_process_group()
+EOF
+then line device-map "$(tail -1 "$OUT/device-map.log")" PASS
+else line device-map "$(tail -1 "$OUT/device-map.log" | cut -c1-58)" FAIL; fi
+
+NV="recipes/nvae/mnist5k.yaml data.path=$BETON model.num_channels_enc=16 model.num_channels_dec=16
+    model.num_groups_per_scale=2 model.num_latent_per_group=8 data.batch_size=16 data.eval_batch_size=100
+    train.progress=false train.eval_every=10 train.sample_every=20 train.num_samples=16 train.checkpoint_every=10
+    engine.precision=bf16 engine.zero_stage=2 engine.activation_checkpointing=blocks train.steps=20"
+losses() { $PY -c "
+import json, sys
+for ln in open(sys.argv[1]):
+    m = json.loads(ln)
+    if 'loss' in m: print(m['step'], m['loss'])" "$1"; }
+
+# -- train-1 / resume-1 --------------------------------------------------------------------------
+R1="$OUT/train1"
+if timeout 240 $PY -m framework.train $NV run.dir="$R1" >"$OUT/train-1.log" 2>&1; then
+  ips=$($PY -c "
+import json; ms=[json.loads(l) for l in open('$R1/metrics.jsonl')]
+t=[m['images_per_sec'] for m in ms if 'images_per_sec' in m][2:]
+v=[m['val/bpd'] for m in ms if 'val/bpd' in m]
+print(f'{sorted(t)[len(t)//2]:.0f} images/s (median), val bpd {v[-1]:.3f}')")
+  line train-1 "$ips" PASS
+  cp "$R1/metrics.jsonl" "$OUT/train1.metrics"
+  rm -rf "$R1/checkpoints/step_00000020"
+  if timeout 240 $PY -m framework.train $NV run.dir="$R1" >"$OUT/resume-1.log" 2>&1 \
+     && grep -q "at step 10" "$OUT/resume-1.log"; then
+    d=$($PY -c "
+import json
+a={m['step']:m['loss'] for m in map(json.loads, open('$OUT/train1.metrics')) if 'loss' in m}
+b={m['step']:m['loss'] for m in map(json.loads, open('$R1/metrics.jsonl')) if 'loss' in m}
+assert sorted(b)==list(range(1,21)), sorted(b)
+print(max(abs(a[s]-b[s])/max(abs(a[s]),1e-9) for s in range(11,21)))")
+    st=$([ "$($PY -c "print(float('$d') < 0.02)")" = True ] && echo PASS || echo FAIL)
+    line resume-1 "steps 11-20 again from step 10: max rel. loss diff $d" "$st"
+  else line resume-1 "did not resume from step 10 (see resume-1.log)" FAIL; fi
+else
+  line train-1 "$(grep -m1 -i 'error' "$OUT/train-1.log" | cut -c1-58)" FAIL
+  line resume-1 "not run (train-1 failed)" SKIP
+fi
+
+# -- train-2 ---------------------------------------------------------------------------------------
+VA="recipes/vae/mnist5k.yaml data.path=$BETON model.width=16 model.latent_dim=8 train.progress=false
+    train.eval_every=0 train.sample_every=0 train.num_samples=4 train.steps=10 engine.zero_stage=2"
+if [ "$NGPU" -ge 2 ]; then how="nccl, 2 GPUs"; GB=nccl; else how="1 GPU shared, gloo for cuda"; GB=gloo; fi
+if timeout 200 $PY -m framework.train $VA run.dir="$OUT/one" data.batch_size=16 >"$OUT/train-2-ref.log" 2>&1 \
+   && FRAMEWORK_GPU_BACKEND=$GB timeout 240 $PY -m torch.distributed.run --nproc_per_node=2 \
+        --master_port=$($PY -c 'from framework.distributed import _free_port; print(_free_port())') \
+        -m framework.train $VA run.dir="$OUT/two" data.batch_size=8 >"$OUT/train-2.log" 2>&1; then
+  d=$($PY -c "
+import json
+a={m['step']:m['loss'] for m in map(json.loads, open('$OUT/one/metrics.jsonl')) if 'loss' in m}
+b={m['step']:m['loss'] for m in map(json.loads, open('$OUT/two/metrics.jsonl')) if 'loss' in m}
+print(max(abs(a[s]-b[s]) for s in a))")
+  st=$([ "$($PY -c "print(float('$d') < 1e-3)")" = True ] && echo PASS || echo FAIL)
+  line train-2 "$how: max |loss - 1-process loss| $d" "$st"
+else line train-2 "$how: failed (see train-2*.log)" FAIL; fi
+
+# -- profile ---------------------------------------------------------------------------------------
+if timeout 200 $PY tools/profile_sampling.py recipes/nvae/celebahq256.yaml --batch-sizes 1,8 --repeats 3 \
+     --warmup 1 --no-progress --json "$OUT/profile.json" >"$OUT/profile.log" 2>&1; then
+  fig=$($PY -c "
+import json; r=json.load(open('$OUT/profile.json'))
+ms={(x['path'],x['batch']):x['ms_per_image'] for x in r['results']}
+d=max(r['max_abs_diff_fast_vs_plain'].values())
+print(f\"b8 plain {ms[('plain',8)]:.1f} / fast {ms[('fast',8)]:.1f} ms/img, diff {d:.0e}\")
+import sys; sys.exit(0 if d < 1e-3 else 1)") && st=PASS || st=FAIL
+  line profile "$fig" "$st"
+else line profile "$(tail -1 "$OUT/profile.log" | cut -c1-58)" FAIL; fi
+
+# -- noise -----------------------------------------------------------------------------------------
+if fig=$(timeout 120 $PY - 2>"$OUT/noise.log" <<'EOF'
+import time, torch
+from framework.config import load_recipe
+from framework.distributed import DistEnv
+from framework.models import build_task
+from framework.task import StepContext
+r = load_recipe("recipes/nvae/celebahq256.yaml", check_files=False)
+shapes = build_task(r, DistEnv(0, 0, 1, "127.0.0.1", 0, "single")).model.latent_shapes
+def step(world):
+    c = StepContext(step=1, micro=0, device=torch.device("cuda"), dtype=torch.bfloat16, rank=world - 1,
+                    world_size=world, batch_size=4, grad_accum=1, seed=0, stream="nvae")
+    out = [c.randn(*s) for s in shapes]
+    torch.cuda.synchronize()
+    return out
+step(1)
+ms = {}
+for w in (1, 96):
+    t0 = time.perf_counter(); step(w); ms[w] = 1000 * (time.perf_counter() - t0)
+print(f"world 1: {ms[1]:.1f} ms, world 96: {ms[96]:.1f} ms per rank")
+EOF
+); then line noise "$fig" PASS; else line noise "$(tail -1 "$OUT/noise.log" | cut -c1-58)" FAIL; fi
+
+# -- xformers --------------------------------------------------------------------------------------
+if $PY -c 'import xformers' 2>/dev/null; then
+  if fig=$(timeout 60 $PY -c "
+import torch, xformers.ops as xo
+q = torch.randn(2, 256, 8, 64, device='cuda', dtype=torch.bfloat16)
+o = xo.memory_efficient_attention(q, q, q)
+ref = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, q, q))).transpose(1, 2)
+print(f'max diff vs SDPA {(o - ref).abs().max().item():.1e}')" 2>"$OUT/xformers.log"); then line xformers "$fig" PASS
+  else line xformers "$(tail -1 "$OUT/xformers.log" | cut -c1-58)" FAIL; fi
+else line xformers "not installed (pip install -e '.[xformers]')" SKIP; fi
+
+echo "gpu_check: $FAILED failed"
+[ "$FAILED" = 0 ]
