@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 
-.PHONY: setup system-deps demo test bench clean-runs
+.PHONY: setup system-deps demo test test-fast bench clean-runs
 
 # make data/photos256.beton writes the 256 px smoke set (3000 crops of the bundled photographs)
 
@@ -56,6 +56,11 @@ demo: setup data/mnist5k.beton
 
 test: setup
 	$(PY) -m pytest -q tests $(ARGS)
+
+# The unit tests and the quick integration ones (under 5 minutes on 2 cores): no Slurm, no
+# multi-minute training (pytest -m "not slow"); `make test` (CI) runs everything.
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow" tests $(ARGS)
 
 bench: setup data/mnist5k.beton
 	$(PY) tools/bench/engine_overhead.py

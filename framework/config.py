@@ -172,6 +172,7 @@ class Range:
 
 AT_LEAST_0, AT_LEAST_1, POSITIVE, UNIT = Range(0), Range(1), Range(0, lo_open=True), Range(0, 1)
 FRACTION = Range(0, 1, hi_open=True)
+SEED = Range(0, 2**32 - 1)
 
 ENGINE_RANGES = {
     "optimizer.lr": AT_LEAST_0, "optimizer.eps": POSITIVE, "optimizer.weight_decay": AT_LEAST_0,
@@ -182,7 +183,7 @@ ENGINE_RANGES = {
 # Every numeric key of the schemas has its range here (model.* keys: the family's RANGES);
 # tests/test_recipes.py checks that none is left out.
 RANGES = {
-    "run.seed": Range(0, 2**32 - 1),
+    "run.seed": SEED,
     "data.resolution": Range(1, 8192), "data.channels": Range(1, 3), "data.num_bits": Range(1, 8),
     "data.batch_size": AT_LEAST_1, "data.eval_batch_size": AT_LEAST_0, "data.workers": Range(0, 256),
     "engine.zero_stage": Range(0, 3), "engine.grad_accum": AT_LEAST_1,
@@ -208,6 +209,15 @@ def _check_ranges(cfg: DictConfig, where: str, ranges: dict, prefix: str = "") -
                 continue
             if v not in rng:
                 raise UserError(f"{where}: key '{prefix}{key}' is {v!r}; it must be {rng}")
+
+
+def check_flags(args, ranges: dict) -> None:
+    """A tool's numeric flags against their ranges: `ranges` maps an argparse dest to a Range; a
+    value outside is a UserError naming the flag (`--iw-samples is 0; it must be >= 1`)."""
+    for dest, rng in ranges.items():
+        value = getattr(args, dest)
+        if value is not None and value not in rng:
+            raise UserError(f"--{dest.replace('_', '-')} is {value!r}; it must be {rng}")
 
 
 def numeric_keys(cfg: DictConfig, prefix: str = "") -> list[str]:

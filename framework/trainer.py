@@ -30,7 +30,7 @@ from .engine import build_engine, compute_dtype
 from .errors import UserError
 from .images import save_grid
 from .models import build_task
-from .task import Samples, StepContext, Sum, Visualizes, has
+from .task import Samples, StepContext, Sum, Task, Visualizes, has
 
 EXIT_REQUEUE = 75  # EX_TEMPFAIL: "checkpointed, run me again"
 EXIT_ABORT = 3
@@ -230,6 +230,8 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         task = self.task
+        if type(task).evaluate is Task.evaluate:  # the family has no evaluation metrics
+            return {}
         self._eval_mode(True)
         per_image: dict[str, torch.Tensor] = {}
         set_sums: dict[str, torch.Tensor] = {}
@@ -336,6 +338,10 @@ class Trainer:
         if r.train.resume_changed != "allow":
             raise UserError(f"{path}: this recipe differs from the checkpoint's in {'; '.join(changes)}; the run "
                             f"would not continue exactly (set train.resume_changed=allow to resume anyway)")
+        if state.get("zero_stage", r.engine.zero_stage) != r.engine.zero_stage:
+            raise UserError(f"{path}: written on ZeRO-{state.get('zero_stage')}, this run is ZeRO-"
+                            f"{r.engine.zero_stage}; DeepSpeed cannot load one stage's optimizer shards into "
+                            f"another (resume with engine.zero_stage={state.get('zero_stage')})")
         if state.get("world_size") != now["world_size"] and r.engine.zero_stage > 0:
             raise UserError(f"{path}: written by world size {state.get('world_size')}, this run has "
                             f"{now['world_size']}; ZeRO-{r.engine.zero_stage} shards cannot be re-split (resume "
@@ -381,8 +387,9 @@ class Trainer:
                 raise UserError(msg or f"{path}: another rank could not load this checkpoint")
             if msg:
                 warn(f"{msg}; passing over {path.name} for the previous checkpoint")
-        if cands and env.is_main:
-            warn(f"no intact checkpoint in {self.run_dir / 'checkpoints'}; starting from step 0")
+        if cands:  # never silently to fresh state: the user decides what to do with the damaged ones
+            raise UserError(f"{self.run_dir / 'checkpoints'}: none of its {len(cands)} checkpoint(s) can be loaded "
+                            f"(see the warnings above); move them away to start this run afresh")
         return None, []
 
     # -- the loop ----------------------------------------------------------------------------

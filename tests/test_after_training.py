@@ -15,6 +15,8 @@ from framework.eval.checkpoints import load
 from framework.eval.recalibrate import recalibrate
 from framework.models.nvae.fast import fold
 
+pytestmark = pytest.mark.slow  # real training runs in real processes: minutes
+
 
 
 def tool(name: str, *args: str, nproc: int = 1, check: bool = True) -> subprocess.CompletedProcess:

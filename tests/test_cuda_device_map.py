@@ -11,6 +11,8 @@ balancing), BN recalibration and IW bits/dim.
 import subprocess
 import sys
 
+import pytest
+
 from conftest import NVAE, REPO, TINY_NVAE, env, free_port
 from framework.distributed import backend_spec
 
@@ -55,6 +57,7 @@ def test_a_cuda_only_group_refuses_cpu_collectives(tmp_path):
     assert p.stdout.count("REFUSED No backend type associated with device type cpu") == 2, p.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_training_and_tools_reduce_through_the_cuda_device_map(tmp_path):
     run = tmp_path / "run"
     p = worker("cuda-map", run, NVAE, *TINY_NVAE, "train.steps=2", "train.eval_every=1", "train.ema=0")

@@ -6,6 +6,8 @@ import torch
 
 from conftest import TINY_VAE, VAE, run_train, train_losses
 
+pytestmark = pytest.mark.slow  # real training runs in real processes: minutes
+
 STEPS = 6
 
 

@@ -15,6 +15,8 @@ from conftest import MNIST_BETON, REPO, TINY_VAE, VAE, env, metrics, run_train, 
 from framework.checkpoint import read_state, verify_files
 from framework.trainer import EXIT_REQUEUE
 
+pytestmark = pytest.mark.slow  # real training runs in real processes: minutes
+
 STEPS = 6
 BASE = TINY_VAE + [f"train.steps={STEPS}", "train.checkpoint_every=3"]
 
@@ -186,3 +188,21 @@ def test_a_full_disk_while_checkpointing_is_one_line_and_keeps_the_earlier_check
     verify_files(ck2, read_state(ck2))  # the earlier checkpoint is whole
     assert not list((d / "checkpoints").glob(".tmp_*"))
     json.loads((ck2 / "trainer.json").read_text())
+
+
+def test_a_changed_zero_stage_allowed_is_still_one_line(finished, tmp_path):
+    d = tmp_path / "run"
+    shutil.copytree(finished, d)
+    p = run_train(VAE, BASE + [f"run.dir={d}", "engine.zero_stage=1", "train.resume_changed=allow"], check=False)
+    assert p.returncode == 2 and "written on ZeRO-2, this run is ZeRO-1" in last_line(p), p.stderr[-3000:]
+
+
+def test_when_every_checkpoint_is_damaged_the_run_does_not_start_afresh(finished, tmp_path):
+    d = tmp_path / "run"
+    shutil.copytree(finished, d)
+    for ck in (d / "checkpoints").glob("step_*"):
+        (ck / "rng_rank0.pt").unlink()
+    before = snapshot(d)
+    p = run_train(VAE, BASE + [f"run.dir={d}"], check=False)
+    assert p.returncode == 2 and "none of its 2 checkpoint(s) can be loaded" in last_line(p), p.stderr[-3000:]
+    assert snapshot(d) == before

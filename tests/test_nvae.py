@@ -180,6 +180,7 @@ def test_activation_checkpointing_changes_neither_loss_nor_gradients():
 
 # -- in the trainer -------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_two_processes_zero2_match_one_process(tmp_path):
     run_train(NVAE, TINY_NVAE + [f"run.dir={tmp_path / 'one'}", "train.steps=5", "data.batch_size=8"])
     run_train(NVAE, TINY_NVAE + [f"run.dir={tmp_path / 'two'}", "train.steps=5", "data.batch_size=4"], nproc=2)
@@ -188,6 +189,7 @@ def test_two_processes_zero2_match_one_process(tmp_path):
     assert np.allclose(list(a.values()), list(b.values()), rtol=1e-5, atol=0), (a, b)
 
 
+@pytest.mark.slow
 def test_resume_is_exact_and_keeps_the_power_iteration(tmp_path):
     run_train(NVAE, TINY_NVAE + [f"run.dir={tmp_path / 'straight'}", "train.steps=6"])
     cut = TINY_NVAE + [f"run.dir={tmp_path / 'cut'}", "train.steps=6", "train.checkpoint_every=3"]
@@ -199,6 +201,7 @@ def test_resume_is_exact_and_keeps_the_power_iteration(tmp_path):
     assert train_losses(tmp_path / "straight", "norm_loss") == train_losses(tmp_path / "cut", "norm_loss")
 
 
+@pytest.mark.slow
 def test_training_lowers_validation_bits_per_dim(tmp_path):
     # Measured here (2 cores, seed 0): this tiny model goes from 1.19 bits/dim untrained to 0.34
     # after 60 steps (a drop of 0.85); the test asks for a third of that drop.
@@ -209,6 +212,7 @@ def test_training_lowers_validation_bits_per_dim(tmp_path):
     assert val[60] < val[0] - 0.28, val
 
 
+@pytest.mark.slow
 def test_bf16_trains_with_finite_losses_close_to_fp32(tmp_path):
     common = TINY_NVAE + ["train.steps=4"]
     run_train(NVAE, common + [f"run.dir={tmp_path / 'fp32'}"])
@@ -265,6 +269,7 @@ def test_factorized_reduce_equals_stride_2_convolutions_on_shifted_grids():
     assert torch.allclose(fr(x.contiguous(memory_format=torch.channels_last)), ref, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_photos256_smoke_recipe_trains(tmp_path):
     from framework.data import sources
     from framework.data.write import write_beton

@@ -116,3 +116,26 @@ def test_values_out_of_range_are_refused_naming_the_key(override, expected):
     with pytest.raises(UserError) as e:
         load_recipe(REPO / "recipes" / "nvae" / "mnist5k.yaml", [f"data.path={MNIST_BETON}", override])
     assert expected in str(e.value)
+
+
+@pytest.mark.parametrize("tool,args,expected", [
+    ("model_summary.py", ["recipes/vae/mnist5k.yaml", "--batch", "-1"], "--batch is -1; it must be >= 0"),
+    ("write_ffcv.py", ["bundled:mnist5k", "unused.beton", "--quality", "101"], "--quality is 101; it must be in [1, 100]"),
+    ("write_ffcv.py", ["bundled:mnist5k", "unused.beton", "--val-fraction", "1.5"], "--val-fraction is 1.5"),
+    ("sample.py", ["runs/none", "--n", "0"], "--n is 0; it must be in [1, 4096]"),
+    ("eval_bpd.py", ["runs/none", "--chunk", "-3"], "--chunk is -3; it must be >= 0"),
+    ("profile_sampling.py", ["recipes/nvae/mnist.yaml", "--warmup", "-1"], "--warmup is -1; it must be >= 0"),
+    ("recalibrate_bn.py", ["runs/none", "--iters", "0"], "--iters is 0; it must be >= 1"),
+])
+def test_tool_flags_out_of_range_are_one_line(tool, args, expected):
+    p = subprocess.run([sys.executable, f"tools/{tool}", *args], cwd=REPO, env=env(), capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 2 and expected in p.stderr.strip().splitlines()[-1], p.stderr[-2000:]
+    assert not (REPO / "unused.beton").exists()
+
+
+def test_channels_that_do_not_match_the_beton_are_refused(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "framework.train", VAE, f"data.path={MNIST_BETON}", "data.channels=3",
+                        f"run.dir={tmp_path / 'r'}"], cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and "holds grey images" in p.stderr.strip().splitlines()[-1], p.stderr[-2000:]
+    assert not (tmp_path / "r").exists()

@@ -8,6 +8,8 @@ import pytest
 from conftest import TINY_VAE, VAE, metrics, run_train, start_train, train_losses
 from framework.trainer import EXIT_REQUEUE
 
+pytestmark = pytest.mark.slow  # real training runs in real processes: minutes
+
 STEPS = 20
 
 

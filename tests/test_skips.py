@@ -5,6 +5,8 @@ import pytest
 
 from conftest import TINY_VAE, VAE, metrics, run_train, train_losses
 
+pytestmark = pytest.mark.slow  # real training runs in real processes: minutes
+
 
 @pytest.fixture(scope="module")
 def nan_runs(tmp_path_factory):

@@ -7,6 +7,8 @@ import pytest
 
 from conftest import DCGAN, REPO, TINY_GAN, env, run_train, train_losses
 
+pytestmark = pytest.mark.slow  # real training runs in real processes: minutes
+
 STEPS = 4
 
 

@@ -3,6 +3,8 @@ import pytest
 
 from conftest import TINY_VAE, VAE, run_train, train_losses
 
+pytestmark = pytest.mark.slow  # real training runs in real processes: minutes
+
 STEPS = 10
 
 

@@ -33,6 +33,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="", help="JSON path (default: beside the checkpoint)")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
+    from framework.config import AT_LEAST_0, AT_LEAST_1, SEED, check_flags
+
+    check_flags(a, {"iw_samples": AT_LEAST_1, "batch_size": AT_LEAST_0, "chunk": AT_LEAST_0, "seed": SEED})
     from framework.eval.bpd import check_family, evaluate_bpd
     from framework.eval.checkpoints import finish, load
 

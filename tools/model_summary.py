@@ -35,6 +35,9 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=0, help="images per forward (default: data.batch_size)")
     ap.add_argument("--json", action="store_true", help="print one JSON object (bytes) instead of a table")
     args = ap.parse_intermixed_args(argv)
+    from framework.config import AT_LEAST_0, check_flags
+
+    check_flags(args, {"batch": AT_LEAST_0})
     r = load_recipe(args.recipe, args.overrides, check_files=False)
     out = {"recipe": str(args.recipe), **summarize(r, args.batch)}
     if args.json:

@@ -42,6 +42,9 @@ def main(argv=None) -> int:
     p.add_argument("--json", default="", help="also write the JSON object here")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
+    from framework.config import AT_LEAST_0, AT_LEAST_1, POSITIVE, SEED, check_flags
+
+    check_flags(a, {"temperature": POSITIVE, "repeats": AT_LEAST_1, "warmup": AT_LEAST_0, "seed": SEED})
     from framework.eval.checkpoints import finish, load
     from framework.eval.sampling import format_table, profile_sampling
 

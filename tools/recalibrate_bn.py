@@ -34,6 +34,9 @@ def main(argv=None) -> int:
                    help="replace an existing recalibrated checkpoint (and the results written beside it)")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
+    from framework.config import AT_LEAST_0, AT_LEAST_1, POSITIVE, SEED, check_flags
+
+    check_flags(a, {"temperature": POSITIVE, "batch_size": AT_LEAST_0, "iters": AT_LEAST_1, "seed": SEED})
     from framework.eval.checkpoints import finish, load
     from framework.eval.recalibrate import bn_layers, recalibrate_checkpoint
 

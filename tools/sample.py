@@ -33,6 +33,9 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-ema", action="store_true")
     a = p.parse_args(argv)
+    from framework.config import Range, SEED, check_flags
+
+    check_flags(a, {"n": Range(1, 4096), "seed": SEED})
     from framework.eval.checkpoints import finish, load
     from framework.eval.sampling import check_temperatures, sample_grids
 

@@ -70,6 +70,9 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0, help="bundled:photos: crop positions")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
+    from framework.config import AT_LEAST_1, Range, SEED, UNIT, check_flags
+
+    check_flags(args, {"resolution": Range(1, 8192), "quality": Range(1, 100), "val_fraction": UNIT, "workers": Range(1, 256), "count": AT_LEAST_1, "seed": SEED})
 
     out = Path(args.out)
     if out.exists() and not args.overwrite:  # before any work

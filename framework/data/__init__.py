@@ -37,10 +37,11 @@ def build_loaders(cfg, env, grad_accum: int, seed: int, fields=("image",)):
     info = BetonInfo(cfg.path)
     fields = read_fields(cfg, fields)
     info.check_fields(fields)
-    if "image" in fields:
-        info.check_shape(cfg.resolution)
     if cfg.channels not in (1, 3):
         raise UserError(f"key 'data.channels' is {cfg.channels}; expected 1 (grey, the first channel) or 3 (RGB)")
+    if "image" in fields:
+        info.check_shape(cfg.resolution)
+        info.check_channels(cfg.channels)
     train = TrainLoader(info, GlobalOrder(info.ids("train"), cfg.batch_size, env.world_size, env.rank, grad_accum,
                                           seed), cfg.channels, cfg.workers, cfg.flip, fields)
     ev = EvalLoader(info, EvalShard(info.ids("val"), cfg.eval_batch_size or cfg.batch_size, env.world_size,

@@ -114,6 +114,35 @@ class BetonInfo:
             raise ValueError(f"{self.path}: image {i} is stored raw, not as JPEG")
         return self.stored_bytes(i)
 
+    def is_colour(self, k: int = 16, tolerance: int = 3) -> bool:
+        """Whether the images are in colour, judged on k images spread over the file: any pixel
+        whose channels differ by more than `tolerance` (JPEG's chroma rounding of grey) is colour."""
+        if not self.has_images or self.num_images == 0:
+            return False
+        from .turbojpeg import Decoder
+
+        dec = None
+        for i in np.unique(np.linspace(0, self.num_images - 1, min(k, self.num_images)).astype(int)):
+            data = self.stored_bytes(int(i))
+            if self.modes[i] == 0:
+                dec = dec or Decoder()
+                img = dec.decode(data).astype(np.int16)
+            else:
+                img = np.frombuffer(data, np.uint8)[:self.heights[i] * self.widths[i] * 3].reshape(
+                    self.heights[i], self.widths[i], 3).astype(np.int16)
+            if np.abs(img[..., 0] - img[..., 1]).max() > tolerance or np.abs(img[..., 1] - img[..., 2]).max() > tolerance:
+                return True
+        return False
+
+    def check_channels(self, channels: int, where: str = "data.channels") -> None:
+        colour = self.is_colour()
+        if channels == 3 and not colour:
+            raise UserError(f"key '{where}' is 3 but {self.path} holds grey images (R = G = B in every image "
+                            f"sampled); set {where}=1")
+        if channels == 1 and colour:
+            raise UserError(f"key '{where}' is 1 but {self.path} holds colour images (1 keeps only their red "
+                            f"channel); set {where}=3")
+
     def check_shape(self, resolution: int, where: str = "data.resolution") -> None:
         if not self.has_images:
             return
