@@ -66,6 +66,7 @@ bench: setup data/mnist5k.beton
 	$(PY) tools/bench/engine_overhead.py
 	$(PY) tools/bench/loader.py
 	$(PY) tools/bench/nvae_step.py
+	$(PY) tools/bench/noise.py
 
 clean-runs:
 	rm -rf runs

@@ -330,9 +330,11 @@ class Trainer:
         elif self.env.is_main:
             warn(f"{path}: written before checkpoints recorded their recipe; only the world size is compared")
         if "data" in state and state["data"] != now["data"]:
-            changes.append(f"data file {r.data.path} (size {state['data']['size']} -> {now['data']['size']}, "
-                           f"modified {'at another time' if state['data']['size'] == now['data']['size'] else ''})"
-                           .replace(", modified )", ")"))
+            a, b = state["data"], now["data"]
+            what = [f"size {a['size']} -> {b['size']}"] if a["size"] != b["size"] else []
+            if a["mtime_ns"] != b["mtime_ns"]:
+                what.append("modified since")
+            changes.append(f"data file {r.data.path} ({', '.join(what)})")
         if not changes:
             return []
         if r.train.resume_changed != "allow":
@@ -482,7 +484,9 @@ class Trainer:
                     if self.ema is not None and (self.task.ema_module or self.main) in active:
                         self.ema.update()
                 now = time.perf_counter()
-                record.update(lr=lrs.get(self.main, 0.0), skipped=bool(skipped), skips_total=self.skipped_total,
+                if self.main in lrs:
+                    record["lr"] = lrs[self.main]
+                record.update(skipped=bool(skipped), skips_total=self.skipped_total,
                               sec_per_step=now - t_last,
                               images_per_sec=self.train_data.global_batch / max(now - t_last, 1e-9))
                 record.update({f"{n}/lr": v for n, v in lrs.items() if n != self.main})

@@ -206,3 +206,12 @@ def test_when_every_checkpoint_is_damaged_the_run_does_not_start_afresh(finished
     p = run_train(VAE, BASE + [f"run.dir={d}"], check=False)
     assert p.returncode == 2 and "none of its 2 checkpoint(s) can be loaded" in last_line(p), p.stderr[-3000:]
     assert snapshot(d) == before
+
+
+def test_a_changed_data_file_is_refused(finished, tmp_path):
+    d = tmp_path / "run"
+    shutil.copytree(finished, d)
+    data = tmp_path / "copy.beton"
+    shutil.copyfile(MNIST_BETON, data)  # the same images, but another file (its time differs)
+    p = run_train(VAE, BASE + [f"run.dir={d}", f"data.path={data}"], check=False)
+    assert p.returncode == 2 and f"data file {data} (modified since)" in last_line(p), p.stderr[-3000:]
