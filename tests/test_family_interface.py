@@ -111,3 +111,28 @@ def test_per_engine_blocks_are_validated(tmp_path):
     p = run_train(VAE, TINY_VAE + [f"run.dir={tmp_path / 'v'}", "train.steps=2", "engine.engines.vae.optimizer.lr=0.5",
                                    "engine.engines.vae.schedule.warmup_steps=0"])
     assert train_losses(tmp_path / "v", "lr")[1] == pytest.approx(0.5 * (1 + math.cos(0)) / 2)
+
+
+PROBE = r"""
+import json, sys
+from framework.config import load_recipe
+from framework.trainer import Trainer
+t = Trainer(load_recipe(sys.argv[1], sys.argv[2:]))
+t.fit()
+steps = [int(st["step"]) for st in t.engines["head"].gate.state.values()]
+print("PROBE" + json.dumps(sorted(set(steps))))
+"""
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_an_engine_optimizer_state_is_reset_when_the_family_asks(tmp_path, stage):
+    def adam_steps(*extra):
+        p = subprocess.run([sys.executable, "-c", PROBE, TOY, *TINY_TOY, f"run.dir={tmp_path / str(len(extra))}",
+                            "train.steps=7", f"engine.zero_stage={stage}", *extra], cwd=REPO, env=env(),
+                           capture_output=True, text=True, timeout=300)
+        line = [ln for ln in p.stdout.splitlines() if ln.startswith("PROBE")]
+        assert line, p.stderr[-3000:]
+        return json.loads(line[0][5:])
+
+    assert adam_steps() == [3]  # head trains at step indices 2, 4, 6
+    assert adam_steps("model.head_reset_at=4") == [2]  # moments cleared before index 4: 4 and 6 remain

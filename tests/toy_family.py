@@ -3,8 +3,8 @@
 - fields: image, label and each image's index in the .beton (prepare_batch builds a dict)
 - a frozen module (a fixed random conv "feature net", or one loaded from another run)
 - two engines with their own settings: `enc` (the recipe's engine block) and `head`, whose
-  learning rate and first step come from the family (engine_overrides) and which is inactive
-  on odd steps (active)
+  learning rate and first step come from the family (engine_overrides), which is inactive
+  on odd steps (active) and whose optimizer state can be cleared at a step (reset_optimizer)
 - state it owns: the sum of the indices and the number of batches it has seen
 - a set-level metric (label counts -> their entropy) besides per-image values
 - no `sample`: the trainer draws no sample grid; `visualize` shows inputs and their "reconstruction"
@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from framework.checkpoint import load_module_weights
-from framework.config import AT_LEAST_0, AT_LEAST_1, POSITIVE
+from framework.config import AT_LEAST_0, AT_LEAST_1, POSITIVE, Range
 from framework.data import to_model_input
 from framework.task import Sum
 from framework.task import Task as BaseTask
@@ -33,9 +33,10 @@ class ModelConfig:
     head_lr: float = 0.01
     head_start: int = 2
     features_from: str = ""  # a run whose engine `enc` becomes the frozen feature net
+    head_reset_at: int = -1  # the step before which head's optimizer state is cleared (PGGAN-like)
 
 
-RANGES = {"width": AT_LEAST_1, "head_lr": POSITIVE, "head_start": AT_LEAST_0}
+RANGES = {"width": AT_LEAST_1, "head_lr": POSITIVE, "head_start": AT_LEAST_0, "head_reset_at": Range(-1)}
 
 
 class Features(nn.Module):
@@ -88,6 +89,9 @@ class Task(BaseTask):
 
     def active(self, name, step):
         return name != "head" or step % 2 == 0
+
+    def reset_optimizer(self, name, step):
+        return name == "head" and step == self.recipe.model.head_reset_at
 
     def prepare_batch(self, batch, ctx):
         if ctx.phase == "train" and ctx.stream == "enc":
