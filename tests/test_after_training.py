@@ -210,10 +210,10 @@ def test_bad_input_is_one_line_and_exit_2(vae_runs, nvae_run, tmp_path):
         (("recalibrate_bn.py", str(tmp_path)), "no complete checkpoint"),
         (("recalibrate_bn.py", str(vae_runs[0])), "family 'vae' cannot recalibrate BatchNorm"),
         (("eval_bpd.py", str(vae_runs[0])), "family 'vae' cannot give importance weights"),
-        (("recalibrate_bn.py", str(nvae_run), "--temperature", "0"), "--temperature must be > 0"),
+        (("recalibrate_bn.py", str(nvae_run), "--temperature", "0"), "--temperature is 0.0; it must be > 0"),
         (("sample.py", str(nvae_run), "--temperatures", "0.5,-1"), "temperature must be > 0"),
-        (("profile_sampling.py", str(nvae_run), "--temperature", "0"), "temperature must be > 0"),
-        (("eval_bpd.py", str(nvae_run), "--iw-samples", "0"), "--iw-samples must be at least 1"),
+        (("profile_sampling.py", str(nvae_run), "--temperature", "0"), "--temperature is 0.0; it must be > 0"),
+        (("eval_bpd.py", str(nvae_run), "--iw-samples", "0"), "--iw-samples is 0; it must be >= 1"),
     ]
     for args, message in cases:
         p = tool(*args, check=False)
