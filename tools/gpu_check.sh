@@ -2,6 +2,7 @@
 # What holds on a CUDA machine, in under 5 minutes on one GPU: no arguments, nothing to set up
 # beyond `make setup`. One line per check: its name, its figure, PASS / FAIL / SKIP; the logs
 # of every check stay in $GPU_CHECK_DIR (default: a fresh temporary folder, printed first).
+# (Its train-1, resume-1 and train-2 blocks were run on a CPU with gloo; the rest needs CUDA.)
 #
 #   device-map   the CUDA process group (cpu:gloo,cuda:nccl): all-reduce of a CPU and a CUDA tensor,
 #                an object broadcast, through framework.distributed's helpers
@@ -84,7 +85,7 @@ import json
 a={m['step']:m['loss'] for m in map(json.loads, open('$OUT/train1.metrics')) if 'loss' in m}
 b={m['step']:m['loss'] for m in map(json.loads, open('$R1/metrics.jsonl')) if 'loss' in m}
 assert sorted(b)==list(range(1,21)), sorted(b)
-print(max(abs(a[s]-b[s])/max(abs(a[s]),1e-9) for s in range(11,21)))")
+print(f'{max(abs(a[s]-b[s])/max(abs(a[s]),1e-9) for s in range(11,21)):.1e}')")
     st=$([ "$($PY -c "print(float('$d') < 0.02)")" = True ] && echo PASS || echo FAIL)
     line resume-1 "steps 11-20 again from step 10: max rel. loss diff $d" "$st"
   else line resume-1 "did not resume from step 10 (see resume-1.log)" FAIL; fi
@@ -105,7 +106,7 @@ if timeout 200 $PY -m framework.train $VA run.dir="$OUT/one" data.batch_size=16 
 import json
 a={m['step']:m['loss'] for m in map(json.loads, open('$OUT/one/metrics.jsonl')) if 'loss' in m}
 b={m['step']:m['loss'] for m in map(json.loads, open('$OUT/two/metrics.jsonl')) if 'loss' in m}
-print(max(abs(a[s]-b[s]) for s in a))")
+print(f'{max(abs(a[s]-b[s]) for s in a):.1e}')")
   st=$([ "$($PY -c "print(float('$d') < 1e-3)")" = True ] && echo PASS || echo FAIL)
   line train-2 "$how: max |loss - 1-process loss| $d" "$st"
 else line train-2 "$how: failed (see train-2*.log)" FAIL; fi
