@@ -124,6 +124,7 @@ print("PROBE" + json.dumps(sorted(set(steps))))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", [0, 2])
 def test_an_engine_optimizer_state_is_reset_when_the_family_asks(tmp_path, stage):
     def adam_steps(*extra):
