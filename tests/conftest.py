@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -80,6 +81,19 @@ def run_train(recipe: str, overrides: list[str], nproc: int = 1, timeout: int = 
 def start_train(recipe: str, overrides: list[str], nproc: int = 1) -> subprocess.Popen:
     return subprocess.Popen(train_cmd(recipe, overrides, nproc), cwd=REPO, env=env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def wait_for(predicate, proc, timeout=300):
+    """Polls `predicate` while `proc` runs (a condition on files it writes, not on time); fails if the
+    process ends first or nothing happens within `timeout` seconds."""
+    t0 = time.time()
+    while not predicate():
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            raise AssertionError(f"process ended ({proc.returncode}) before the condition:\n{out[-2000:]}\n{err[-4000:]}")
+        if time.time() - t0 > timeout:
+            raise AssertionError("timed out")
+        time.sleep(0.05)
 
 
 def metrics(run_dir: Path) -> list[dict]:

@@ -2,7 +2,6 @@
 import math
 
 import pytest
-import torch
 
 from conftest import TINY_VAE, VAE, run_train, train_losses
 

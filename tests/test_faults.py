@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import MNIST_BETON, REPO, TINY_VAE, VAE, env, metrics, run_train, start_train, train_losses
+from conftest import MNIST_BETON, REPO, TINY_VAE, VAE, env, metrics, run_train, start_train, train_losses, wait_for
 from framework.checkpoint import read_state, verify_files
 from framework.trainer import EXIT_REQUEUE
 
@@ -116,15 +116,6 @@ def test_a_damaged_beton_is_refused_before_training(tmp_path):
     assert p.returncode == 2 and "damaged .beton" in last_line(p), p.stderr[-2000:]
     assert not (tmp_path / "run").exists()
 
-
-def wait_for(predicate, proc, timeout=300):
-    t0 = time.time()
-    while not predicate():
-        if proc.poll() is not None:
-            out, err = proc.communicate()
-            raise AssertionError(f"ended ({proc.returncode}) early:\n{out[-2000:]}\n{err[-3000:]}")
-        assert time.time() - t0 < timeout, "timed out"
-        time.sleep(0.05)
 
 
 def test_sigterm_during_the_first_evaluation_checkpoints_and_exits_for_requeue(tmp_path):

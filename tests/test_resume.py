@@ -1,11 +1,10 @@
 """Checkpoints: exact continuation, kill -9 at any moment, SIGUSR2 -> checkpoint + requeue status."""
 import os
 import signal
-import time
 
 import pytest
 
-from conftest import TINY_VAE, VAE, metrics, run_train, start_train, train_losses
+from conftest import TINY_VAE, VAE, metrics, run_train, start_train, train_losses, wait_for
 from framework.trainer import EXIT_REQUEUE
 
 pytestmark = pytest.mark.slow  # real training runs in real processes: minutes
@@ -19,16 +18,6 @@ def uninterrupted(tmp_path_factory):
     run_train(VAE, TINY_VAE + [f"run.dir={d}", f"train.steps={STEPS}"])
     return train_losses(d)
 
-
-def wait_for(predicate, proc, timeout=300):
-    t0 = time.time()
-    while not predicate():
-        if proc.poll() is not None:
-            out, err = proc.communicate()
-            raise AssertionError(f"process ended ({proc.returncode}) before the condition:\n{out[-2000:]}\n{err[-4000:]}")
-        if time.time() - t0 > timeout:
-            raise AssertionError("timed out")
-        time.sleep(0.05)
 
 
 def kill9(proc):
