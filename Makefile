@@ -23,10 +23,13 @@ system-deps:
 	  || { $$SUDO apt-get update -q && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; }; \
 	fi
 
-$(STAMP): pyproject.toml | system-deps
+$(STAMP): pyproject.toml Makefile | system-deps
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e '.[dev]'
+	@# LPIPS's linear heads ship in the lpips wheel; without its torchvision dependency (PyPI's
+	@# torchvision does not import beside the CPU torch build): framework/losses reads the file only
+	$(PY) -m pip install -q --no-deps "lpips==0.1.4"
 	@touch $(STAMP)
 
 data/photos256.beton: | setup

@@ -45,6 +45,9 @@ class DataConfig:
 class OptimizerConfig:
     name: str = "adamw"  # adamw | adamax
     lr: float = 1e-3
+    # > 0: lr = lr_per_image x the global batch (batch_size x world x grad_accum), as taming's
+    # main.py scales its base_learning_rate; replaces lr
+    lr_per_image: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
     weight_decay: float = 0.0
@@ -175,7 +178,8 @@ FRACTION = Range(0, 1, hi_open=True)
 SEED = Range(0, 2**32 - 1)
 
 ENGINE_RANGES = {
-    "optimizer.lr": AT_LEAST_0, "optimizer.eps": POSITIVE, "optimizer.weight_decay": AT_LEAST_0,
+    "optimizer.lr": AT_LEAST_0, "optimizer.lr_per_image": AT_LEAST_0, "optimizer.eps": POSITIVE,
+    "optimizer.weight_decay": AT_LEAST_0,
     "optimizer.betas": FRACTION, "schedule.warmup_steps": AT_LEAST_0, "schedule.min_lr": AT_LEAST_0,
     "clip": AT_LEAST_0, "start_step": AT_LEAST_0,
 }

@@ -209,6 +209,15 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
+    """Every rank's `t` (the same shape on each), concatenated along dim 0 in rank order."""
+    if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+        return t
+    parts = [torch.empty_like(t) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
+
+
 def broadcast_object(obj, src: int = 0):
     if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
         return obj

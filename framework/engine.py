@@ -172,6 +172,12 @@ def build_engine(name: str, module: torch.nn.Module, cfg: DictConfig, micro_batc
     if cfg.precision == "bf16" and not get_accelerator().is_bf16_supported():
         raise UserError(f"engine.precision: bf16 is not supported by DeepSpeed's "
                         f"{get_accelerator().device_name()} accelerator on this machine; use fp32")
+    if cfg.optimizer.lr_per_image > 0:  # taming's lr = base_lr x global batch
+        from omegaconf import OmegaConf
+
+        cfg = OmegaConf.merge(cfg, {"optimizer": {"lr": cfg.optimizer.lr_per_image * micro_batch * cfg.grad_accum
+                                                  * world_size}})
+        OmegaConf.set_readonly(cfg, True)
     opt_cfg = cfg.optimizer
     cls = gated(OPTIMIZERS[opt_cfg.name])
     params = param_groups if param_groups is not None else [p for p in module.parameters() if p.requires_grad]

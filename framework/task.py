@@ -69,6 +69,14 @@ class Sum:
 
 
 @dataclass
+class Last:
+    """A training metric of the whole step (the same on every rank, e.g. codebook usage after
+    the step's all-reduce): logged as the value of the last micro-batch, not averaged."""
+
+    value: torch.Tensor
+
+
+@dataclass
 class StepContext:
     """What a task's loss, evaluation and sampling see besides the batch."""
 

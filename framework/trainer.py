@@ -30,7 +30,7 @@ from .engine import build_engine, compute_dtype
 from .errors import UserError
 from .images import save_grid
 from .models import build_task
-from .task import Samples, StepContext, Sum, Task, Visualizes, has
+from .task import Last, Samples, StepContext, Sum, Task, Visualizes, has
 
 EXIT_REQUEUE = 75  # EX_TEMPFAIL: "checkpointed, run me again"
 EXIT_ABORT = 3
@@ -209,8 +209,9 @@ class Trainer:
             if m < gas - 1:
                 eng.step(boundary=False)
             for k, v in {"loss": loss, **metrics}.items():
-                v = torch.as_tensor(v).detach().float().reshape(()).to(self.device)
-                totals[k] = totals.get(k, 0.0) + v / gas
+                last = isinstance(v, Last)
+                v = torch.as_tensor(v.value if last else v).detach().float().reshape(()).to(self.device)
+                totals[k] = v if last else totals.get(k, 0.0) + v / gas
         keys = sorted(totals)
         packed = dist.all_reduce_sum(torch.stack([totals[k] for k in keys])).tolist()
         means = {k: packed[i] / self.env.world_size for i, k in enumerate(keys)}

@@ -17,6 +17,7 @@ FAMILIES = {
     "vae": "framework.models.vae",
     "dcgan": "framework.models.dcgan",
     "nvae": "framework.models.nvae",
+    "vqgan": "framework.models.vqgan",
 }
 
 

@@ -10,18 +10,33 @@ of them at the `attn_resolutions`, and a stride-2 3x3 convolution after padding 
 by one (taming's asymmetric down-sampling) between resolutions; a middle of block, attention,
 block; GroupNorm, swish and a 3x3 conv to `z_channels`. Decoder: the mirror, with
 `num_res_blocks + 1` blocks per resolution and nearest up-sampling followed by a 3x3 conv.
-This is stage 1 of issue 11 in progress: the family (`vqgan`: quantizers, losses, task,
-recipes) is not registered yet.
+`engine.activation_checkpointing: blocks` recomputes every ResNet and attention block in the
+backward pass (`set_checkpointing`); the module names stay taming's, so its state dicts load.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 def group_norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
+
+
+def run_block(block: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """One block, recomputed in backward when checkpointing is on (torch's non-reentrant form,
+    which works under ZeRO-3's parameter hooks) and the model is training with gradients."""
+    if getattr(block, "checkpointed", False) and block.training and torch.is_grad_enabled():
+        return checkpoint(block, h, use_reentrant=False)
+    return block(h)
+
+
+def set_checkpointing(model: nn.Module, on: bool) -> None:
+    for m in model.modules():
+        if isinstance(m, (ResnetBlock, AttnBlock)):
+            m.checkpointed = on
 
 
 def swish(x: torch.Tensor) -> torch.Tensor:
@@ -91,9 +106,9 @@ class _Level(nn.Module):
 
     def forward(self, h):
         for i, block in enumerate(self.block):
-            h = block(h)
+            h = run_block(block, h)
             if len(self.attn):
-                h = self.attn[i](h)
+                h = run_block(self.attn[i], h)
         return h
 
 
@@ -105,7 +120,7 @@ class _Mid(nn.Module):
         self.block_2 = ResnetBlock(channels, channels, dropout)
 
     def forward(self, x):
-        return self.block_2(self.attn_1(self.block_1(x)))
+        return run_block(self.block_2, run_block(self.attn_1, run_block(self.block_1, x)))
 
 
 class Encoder(nn.Module):
@@ -164,13 +179,17 @@ class Decoder(nn.Module):
         self.norm_out = group_norm(cin)
         self.conv_out = nn.Conv2d(cin, out_ch, 3, 1, 1)
 
-    def forward(self, z):
+    def forward(self, z, return_last_input: bool = False):
+        """-> the image; with return_last_input also conv_out's input (the adaptive GAN weight
+        takes the gradient of conv_out's weight from it)."""
         h = self.mid(self.conv_in(z))
         for level in reversed(self.up):
             h = level(h)
             if hasattr(level, "upsample"):
                 h = level.upsample(h)
-        return self.conv_out(swish(self.norm_out(h)))
+        a = swish(self.norm_out(h))
+        out = self.conv_out(a)
+        return (out, a) if return_last_input else out
 
 
 class NLayerDiscriminator(nn.Module):
