@@ -39,7 +39,7 @@ def activation_bytes(task, name, module, batch: int, elem: int) -> dict | None:
 
     hooks = []
     for m in module.modules():
-        if isinstance(m, Checkpointed):
+        if isinstance(m, Checkpointed) or getattr(m, "checkpointed", False):  # a wrapper, or a block that checkpoints itself
             hooks += [m.register_forward_pre_hook(block_in), m.register_forward_hook(block_out)]
         elif not list(m.children()):
             hooks.append(m.register_forward_hook(leaf))

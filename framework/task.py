@@ -283,7 +283,22 @@ class ImportanceWeights(Protocol):
     def log_weights(self, module, x: torch.Tensor, eps: list) -> torch.Tensor: ...
 
 
-CAPABILITIES = {Samples: "draw samples", Visualizes: "show reconstructions", PriorSampling: "sample through a prior",
+@runtime_checkable
+class Codes(Protocol):
+    """Images -> grids of discrete codes and back (stage 1 of a two-stage model): the code .beton
+    of tools/encode_codes.py, tools/eval_recon.py, a prior's first stage."""
+
+    def encode_indices(self, module, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) in [-1, 1] -> (B, h, w) int64 code indices"""
+
+    def decode_indices(self, module, idx: torch.Tensor) -> torch.Tensor:
+        """(B, h, w) -> images (B, C, H, W) in [-1, 1]"""
+
+    def code_shape(self) -> tuple[int, int, int]:
+        """(number of codes, h, w)"""
+
+
+CAPABILITIES = {Samples: "draw samples", Codes: "encode images to codes", Visualizes: "show reconstructions", PriorSampling: "sample through a prior",
                 BatchNormRecalibration: "recalibrate BatchNorm", FastSampling: "sample through a fast path",
                 ImportanceWeights: "give importance weights"}
 

@@ -18,6 +18,7 @@ VAE = str(REPO / "recipes" / "vae" / "mnist5k.yaml")
 DCGAN = str(REPO / "recipes" / "dcgan" / "mnist5k.yaml")
 NVAE = str(REPO / "recipes" / "nvae" / "mnist5k.yaml")
 TOY = str(REPO / "tests" / "toy.yaml")
+VQGAN = str(REPO / "recipes" / "vqgan" / "mnist5k_smoke.yaml")
 
 # The bundled MNIST digits as a real .beton, written once per machine (content is deterministic).
 MNIST_BETON = REPO / ".cache" / "test_data" / "mnist5k.beton"
@@ -42,6 +43,13 @@ TINY_NVAE = [f"data.path={MNIST_BETON}", "model.num_channels_enc=8", "model.num_
              "train.num_samples=4", "engine.schedule.warmup_steps=2"]
 TINY_TOY = [f"data.path={MNIST_BETON}", "data.batch_size=8", "data.eval_batch_size=64", "train.progress=false",
             "train.num_samples=4", "engine.schedule.warmup_steps=0", "engine.optimizer.lr=0.01"]
+# LPIPS with random VGG16 weights: no weights ship here
+TINY_VQ = [f"data.path={MNIST_BETON}", "model.ch=32", "model.ch_mult=[1,2]", "model.num_res_blocks=1",
+           "model.attn_resolutions=[16]", "model.z_channels=8", "model.embed_dim=8", "model.quantizer.n_embed=32",
+           "model.disc_ndf=8", "model.disc_num_layers=2", "model.lpips.vgg_weights=random",
+           "model.loss.perceptual_weight=0.5", "model.loss.disc_weight=0.8", "model.loss.disc_start=1",
+           "data.batch_size=4", "data.eval_batch_size=64", "train.progress=false", "train.eval_every=0",
+           "train.sample_every=0", "train.num_samples=4", "train.log_every=1"]
 TINY_GAN = [f"data.path={MNIST_BETON}", "model.width=8", "model.z_dim=8", "data.batch_size=8",
             "train.progress=false", "train.num_samples=4"]
 
@@ -81,6 +89,14 @@ def run_train(recipe: str, overrides: list[str], nproc: int = 1, timeout: int = 
 def start_train(recipe: str, overrides: list[str], nproc: int = 1) -> subprocess.Popen:
     return subprocess.Popen(train_cmd(recipe, overrides, nproc), cwd=REPO, env=env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def kill9(proc: subprocess.Popen) -> None:
+    """SIGKILL to the process group of a run started with start_train (torchrun's workers too)."""
+    import signal
+
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate()
 
 
 def wait_for(predicate, proc, timeout=300):

@@ -11,7 +11,8 @@ import time
 
 import pytest
 
-from conftest import MNIST_BETON, REPO, TINY_VAE, VAE, env, metrics, run_train, start_train, train_losses, wait_for
+from conftest import (MNIST_BETON, REPO, TINY_VAE, VAE, env, kill9, metrics, run_train, start_train, train_losses,
+                      wait_for)
 from framework.checkpoint import read_state, verify_files
 from framework.trainer import EXIT_REQUEUE
 
@@ -140,8 +141,7 @@ def test_a_kill_before_the_first_checkpoint_does_not_repeat_the_step0_line(tmp_p
     proc = start_train(VAE, args + ["train.debug.sleep_after_step_s=2"])
     mfile = d / "metrics.jsonl"
     wait_for(lambda: mfile.exists() and '"step": 1,' in mfile.read_text(), proc)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.communicate()
+    kill9(proc)
     assert not list((d / "checkpoints").glob("step_*"))
     run_train(VAE, args)
     steps = [m["step"] for m in metrics(d)]

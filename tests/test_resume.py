@@ -1,10 +1,9 @@
 """Checkpoints: exact continuation, kill -9 at any moment, SIGUSR2 -> checkpoint + requeue status."""
-import os
 import signal
 
 import pytest
 
-from conftest import TINY_VAE, VAE, metrics, run_train, start_train, train_losses, wait_for
+from conftest import TINY_VAE, VAE, kill9, metrics, run_train, start_train, train_losses, wait_for
 from framework.trainer import EXIT_REQUEUE
 
 pytestmark = pytest.mark.slow  # real training runs in real processes: minutes
@@ -18,11 +17,6 @@ def uninterrupted(tmp_path_factory):
     run_train(VAE, TINY_VAE + [f"run.dir={d}", f"train.steps={STEPS}"])
     return train_losses(d)
 
-
-
-def kill9(proc):
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.communicate()
 
 
 def assert_each_step_once(run_dir):

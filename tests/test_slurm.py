@@ -1,6 +1,5 @@
 """SLURM (issue 7): the submitit launcher against a real Slurm cluster on 127.0.0.1
 (slurm/local_cluster.sh: slurmctld, 2 slurmd, munge, slurmdbd over MariaDB), started by the tests."""
-import json
 import os
 import subprocess
 import sys

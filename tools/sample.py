@@ -2,6 +2,10 @@
 
     python tools/sample.py RUN_OR_CKPT [--n 64] [--temperatures 0.6,0.8,1.0] [--out grid.png] [--seed 0]
 
+A stage-1 model (vqgan), which has no prior to sample from, gets a reconstruction grid instead:
+n validation images (spread over the split) in rows of 8, each row above its reconstruction through the codes
+(RUN_DIR/samples/<checkpoint>_recon-val.png).
+
 Default output: RUN_DIR/samples/<checkpoint>_t<T>.png; with --out and several temperatures,
 grid_t0.6.png, grid_t0.8.png, ... The run's EMA weights are used when it kept them; for NVAE,
 give the `_bn-t…` checkpoint of tools/recalibrate_bn.py for the samples the paper shows.
@@ -37,10 +41,18 @@ def main(argv=None) -> int:
 
     check_flags(a, {"n": Range(1, 4096), "seed": SEED})
     from framework.eval.checkpoints import finish, load
-    from framework.eval.sampling import check_temperatures, sample_grids
+    from framework.eval.sampling import check_temperatures, recon_grid, sample_grids
+    from framework.task import Codes, Samples, has
 
     temps = check_temperatures(floats(a.temperatures))
-    loaded = load(a.path, ema=not a.no_ema)
+    loaded = load(a.path, ema=not a.no_ema, frozen=False)
+    if not has(loaded.task, Samples) and has(loaded.task, Codes):
+        path = recon_grid(loaded, a.n, a.out or None)
+        if loaded.env.is_main:
+            print(f"{loaded.describe()}\n{a.n} validation images above their reconstructions -> {path}")
+        finish(loaded.env)
+        return 0
+    loaded.add_frozen()
     paths = sample_grids(loaded, a.n, temps, a.out or None, a.seed)
     if loaded.env.is_main:
         print(loaded.describe())

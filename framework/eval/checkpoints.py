@@ -158,6 +158,12 @@ class Loaded:
                            seed=self.recipe.run.seed, phase="sample", rows=list(range(batch_size)),
                            _engines=engines, _frozen=self.frozen)
 
+    def add_frozen(self) -> None:
+        """The task's frozen modules, on the device (load(frozen=False) leaves them out)."""
+        self.frozen = self.task.frozen_modules()
+        for module in self.frozen.values():
+            module.to(self.device).eval().requires_grad_(False)
+
     def describe(self) -> str:
         bn = self.info.get("bn")
         bn_text = (f"recalibrated (t={bn['temperature']}, {bn['iters']} x {bn['batch_size']} x {bn['world_size']} "
@@ -181,9 +187,11 @@ def finish(env) -> None:
         dist.shutdown()
 
 
-def load(path: str | os.PathLike, env=None, ema: bool = True, overrides: list[str] = ()) -> Loaded:
+def load(path: str | os.PathLike, env=None, ema: bool = True, overrides: list[str] = (),
+         frozen: bool = True) -> Loaded:
     """A run, training or evaluation checkpoint; or a recipe (.yaml): its model with random weights,
-    for timing an architecture."""
+    for timing an architecture. frozen=False leaves out the task's frozen modules (a tool that
+    can do without them, e.g. LPIPS when its VGG16 weights are missing)."""
     random_init = str(path).endswith((".yaml", ".yml"))
     ckpt = Path(path) if random_init else resolve(path)
     env = env or start_processes()
@@ -217,10 +225,10 @@ def load(path: str | os.PathLike, env=None, ema: bool = True, overrides: list[st
                 info["weights"] = used
     for module in modules.values():
         module.to(device).eval()
-    frozen = task.frozen_modules()
-    for module in frozen.values():
-        module.to(device).eval().requires_grad_(False)
-    return Loaded(ckpt, recipe, task, modules, env, device, info, frozen)
+    loaded = Loaded(ckpt, recipe, task, modules, env, device, info)
+    if frozen:
+        loaded.add_frozen()
+    return loaded
 
 
 def derived_path(ckpt: Path, suffix: str) -> Path:

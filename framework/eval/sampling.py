@@ -6,6 +6,7 @@ import statistics
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..errors import UserError
@@ -55,6 +56,34 @@ def sample_grids(loaded: Loaded, n: int, temps, out: str | None = None, seed: in
         if loaded.env.is_main:
             save_grid(images, path)
     return paths
+
+
+@torch.no_grad()
+def recon_grid(loaded: Loaded, n: int, out: str | None = None, split: str = "val", nrow: int = 8) -> Path:
+    """A stage-1 model's picture: n images spread evenly over the split in rows of `nrow`, each row
+    followed by the row of their reconstructions (through the codes)."""
+    from ..data import to_model_input
+    from ..data.loader import BetonInfo, EvalLoader
+    from ..data.order import EvalShard
+    from ..task import Codes
+
+    require(loaded.task, Codes, f"{loaded.path}: sample.py")
+    d, task = loaded.recipe.data, loaded.task
+    info = BetonInfo(d.path)
+    ids = info.ids(split)
+    ids = ids[np.unique(np.linspace(0, len(ids) - 1, min(n, len(ids))).round().astype(np.int64))] if len(ids) else ids
+    if len(ids) == 0:
+        raise UserError(f"{d.path}: no {split} images to reconstruct")
+    batch, _ = next(iter(EvalLoader(info, EvalShard(ids, len(ids), 1, 0), d.channels, 1)))
+    x = to_model_input(batch["image"][:len(ids)], d.num_bits, loaded.device)
+    rec = task.decode_indices(loaded.module, task.encode_indices(loaded.module, x))
+    rows = []
+    for i in range(0, len(x), nrow):
+        rows += [x[i:i + nrow], rec[i:i + nrow]]
+    path = Path(out) if out else grid_paths(loaded, [1.0], None)[0].with_name(f"{loaded.path.name}_recon-{split}.png")
+    if loaded.env.is_main:
+        save_grid((torch.cat(rows).float() + 1) / 2, path, nrow=min(nrow, len(x)))
+    return path
 
 
 # -- speed -------------------------------------------------------------------------------------

@@ -45,9 +45,10 @@ class _Head(nn.Module):
 
 
 class LPIPS(nn.Module):
-    def __init__(self, vgg_weights: str = "", heads: str = "", key: str = "model.lpips"):
+    def __init__(self, vgg_weights: str = "", heads: str = "", key: str = "model.lpips", load: bool = True):
+        """load=False: the architecture alone, no file read (counting parameters on the meta device)."""
         super().__init__()
-        trunk = load_vgg16_features(vgg_weights, f"{key}.vgg_weights")
+        trunk = load_vgg16_features(vgg_weights if load else "random", f"{key}.vgg_weights")
         self.net = nn.Module()  # names as the lpips package's and taming's (net.slice1.0.weight ...)
         for i, (a, b) in enumerate(SLICES):
             part = nn.Sequential()
@@ -58,6 +59,12 @@ class LPIPS(nn.Module):
             setattr(self, f"lin{i}", _Head(c))
         self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1), persistent=False)
+        self.requires_grad_(False)
+        self.eval()
+        if load:
+            self._load_heads(heads, key)
+
+    def _load_heads(self, heads: str, key: str) -> None:
         path = Path(os.path.expanduser(heads)) if heads else lpips_heads_path()
         if path is None or not path.is_file():
             raise UserError(f"key '{key}.heads': LPIPS's linear heads not found"
@@ -71,8 +78,6 @@ class LPIPS(nn.Module):
             raise UserError(f"key '{key}.heads': {path} is not LPIPS's VGG heads ({type(e).__name__})") from None
         if missing:
             raise UserError(f"key '{key}.heads': {path} lacks {missing[0]} (not LPIPS v0.1 VGG heads)")
-        self.requires_grad_(False)
-        self.eval()
 
     def train(self, mode: bool = True):
         return super().train(False)  # always eval: dropout in the heads stays off

@@ -123,7 +123,7 @@ class VectorQuantizer(nn.Module):
     def _train_step(self, flat: torch.Tensor, idx: torch.Tensor, ctx) -> dict:
         """Accumulates the step's statistics; on the last micro-batch reduces them over ranks and
         applies the EMA update, the restarts and the usage bookkeeping."""
-        counts = self.usage.add(idx)
+        self.usage.add(idx)
         if self.ema:
             s = torch.zeros(self.n_embed, self.dim, dtype=torch.float64, device=flat.device)
             s.index_add_(0, idx.reshape(-1), flat.double())
@@ -223,7 +223,7 @@ class FSQ(nn.Module):
         lv = self.levels.to(z.dtype)
         half_l = (lv - 1) * (1 - self.eps) / 2
         offset = torch.where(self.levels % 2 == 0, 0.5, 0.0).to(z.dtype)
-        shift = torch.atanh(offset / half_l)
+        shift = torch.tan(offset / half_l)  # as the paper's code (tan, not atanh: the levels are still L)
         return torch.tanh(z + shift) * half_l - offset
 
     def quantize(self, z: torch.Tensor) -> torch.Tensor:

@@ -125,12 +125,8 @@ class Task(BaseTask):
         self.ae = VQModel(m, d.channels, d.resolution, recipe.engine.activation_checkpointing == "blocks")
         self.gan = m.loss.disc_weight > 0
         self.disc = NLayerDiscriminator(d.channels, m.disc_ndf, m.disc_num_layers) if self.gan else None
-        self.lpips = None
-        if m.loss.perceptual_weight > 0:
-            from ...losses import LPIPS
-
-            self.lpips = LPIPS(m.lpips.vgg_weights, m.lpips.heads)
-        self.objective = VQGANLoss(m.loss, self.lpips)
+        self.lpips = None  # built by frozen_modules (it reads the VGG16 and head files)
+        self.objective = VQGANLoss(m.loss, None)
         self._fake: dict[int, torch.Tensor] = {}
 
     # -- the trainer's interface ------------------------------------------------------------
@@ -138,6 +134,10 @@ class Task(BaseTask):
         return {"ae": self.ae, **({"disc": self.disc} if self.gan else {})}
 
     def frozen_modules(self):
+        if self.lpips is None and self.cfg.loss.perceptual_weight > 0:
+            from ...losses import LPIPS
+
+            self.lpips = self.objective.lpips = LPIPS(self.cfg.lpips.vgg_weights, self.cfg.lpips.heads)
         return {"lpips": self.lpips} if self.lpips is not None else {}
 
     def active(self, name, step):
@@ -179,8 +179,8 @@ class Task(BaseTask):
         out = ae(x)
         rec = out["rec"].clamp(-1, 1)
         terms = self.objective.reconstruction(x, rec)
-        mse01 = (x.float() - rec.float()).pow(2).mean((1, 2, 3)) / 4  # in [0, 1] pixel units
-        res = {"l1": (x.float() - rec.float()).abs().mean((1, 2, 3)), "mse": mse01,
+        mse01 = (x.float() - rec.float()).pow(2).mean((1, 2, 3)) / 4  # l1, mse, psnr: pixels in [0, 1]
+        res = {"l1": (x.float() - rec.float()).abs().mean((1, 2, 3)) / 2, "mse": mse01,
                "psnr": 10 * torch.log10(1.0 / mse01.clamp_min(1e-10))}
         if "lpips" in terms:
             res["lpips"] = terms["lpips"]
@@ -205,6 +205,18 @@ class Task(BaseTask):
             rows += [x[i:i + nrow], rec[i:i + nrow]]
         return (torch.cat(rows).float() + 1) / 2
 
+    # -- Codes: what encode_codes, eval_recon and a prior use ------------------------------------
+    @torch.no_grad()
+    def encode_indices(self, module, x):
+        return module.encode(x)[2]
+
+    @torch.no_grad()
+    def decode_indices(self, module, idx):
+        return module.decode_code(idx).clamp(-1, 1)
+
+    def code_shape(self):
+        return self.ae.n_codes, self.ae.grid, self.ae.grid
+
     def state_dict(self):
         return {}
 
@@ -212,10 +224,21 @@ class Task(BaseTask):
         r = self.recipe.data.resolution
         module(torch.zeros(batch, self.recipe.data.channels, r, r, device=device))
 
+    def _lpips_count(self) -> int:
+        if self.cfg.loss.perceptual_weight <= 0:
+            return 0
+        from ...losses import LPIPS
+
+        with torch.device("meta"):
+            return sum(p.numel() for p in LPIPS(load=False).parameters())
+
     def summary(self):
         m = self.cfg
         grid = self.ae.grid
-        return {"code_grid": f"{grid} x {grid}", "codes": self.ae.n_codes,
+        parts = {n: sum(p.numel() for p in getattr(self.ae, n).parameters())
+                 for n in ("encoder", "decoder", "quantize", "quant_conv", "post_quant_conv")}
+        return {"ae_parts": ", ".join(f"{n} {c:,}" for n, c in parts.items()),
+                "code_grid": f"{grid} x {grid}", "codes": self.ae.n_codes,
                 "bits_per_image": round(grid * grid * math.log2(self.ae.n_codes), 1),
-                "lpips_parameters": sum(p.numel() for p in self.lpips.parameters()) if self.lpips else 0,
+                "lpips_frozen": f"{self._lpips_count():,}",
                 "quantizer": m.quantizer.kind}
