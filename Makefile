@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 
-.PHONY: setup system-deps demo test test-fast bench clean-runs
+.PHONY: setup system-deps demo demo-vq test test-fast bench clean-runs
 
 # make data/photos256.beton writes the 256 px smoke set (3000 crops of the bundled photographs)
 
@@ -57,6 +57,19 @@ demo: setup data/mnist5k.beton
 	$(PY) tools/sample.py $$ck --n 64 --temperatures 0.6,0.8,1.0; \
 	echo "after training: $$ck (recalibrated checkpoint), $$ck.bpd-val-k8.json, $$ck.profile.json, $(DEMO_RUN)/samples/"
 
+# VQGAN stage 1 on the bundled photographs at 256 px (vqgan/photos256_smoke.yaml), then its
+# reconstruction figures and the code .beton a prior trains from. Without torchvision's VGG16
+# file in the torch hub cache, LPIPS runs with random VGG weights and the demo says so.
+DEMO_VQ_RUN ?= runs/vqgan_photos256_smoke
+demo-vq: setup data/photos256.beton
+	@vgg=$$($(PY) -c "from framework.losses.vgg import vgg16_weights_path as p; print(p())"); \
+	if [ -f "$$vgg" ]; then lp=""; else lp="model.lpips.vgg_weights=random"; \
+	  echo "note: $$vgg not found: LPIPS uses random VGG16 weights (its values are not LPIPS)"; fi; \
+	$(PY) -m framework.train recipes/vqgan/photos256_smoke.yaml run.dir=$(DEMO_VQ_RUN) $$lp $(ARGS)
+	$(PY) tools/eval_recon.py $(DEMO_VQ_RUN) --split val
+	$(PY) tools/encode_codes.py $(DEMO_VQ_RUN) data/photos256.beton data/photos256_codes.beton --flip --overwrite
+	$(PY) tools/sample.py $(DEMO_VQ_RUN) --n 16
+
 test: setup
 	$(PY) -m pytest -q tests $(ARGS)
 
@@ -70,6 +83,7 @@ bench: setup data/mnist5k.beton
 	$(PY) tools/bench/loader.py
 	$(PY) tools/bench/nvae_step.py
 	$(PY) tools/bench/noise.py
+	$(PY) tools/bench/vqgan_step.py
 
 clean-runs:
 	rm -rf runs

@@ -249,3 +249,21 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, overrides, message):
     lines = [ln for ln in p.stderr.strip().splitlines() if ln.strip()]
     assert message in lines[-1] and len([ln for ln in lines if ln.startswith("error")]) == 1, p.stderr[-2000:]
     assert not (run / "checkpoints").exists() and not (run / "metrics.jsonl").exists()
+
+
+def test_vqvae_recipe_is_the_paper_model():
+    from framework.distributed import DistEnv
+    from framework.models import build_task
+
+    r = load_recipe(REPO / "recipes" / "vqvae" / "cifar10.yaml", check_files=False)
+    task = build_task(r, DistEnv(0, 0, 1, "127.0.0.1", 0, "single"))
+    assert list(task.modules()) == ["ae"] and task.frozen_modules() == {}  # no GAN, no LPIPS
+    ae = task.ae
+    assert task.code_shape() == (512, 8, 8) and ae.quantize.codebook.shape == (512, 64)
+    assert r.model.loss.rec_loss == "l2" and r.model.quantizer.beta == 0.25 and not r.model.quantizer.legacy_beta
+    strided = [m for m in ae.encoder.modules() if isinstance(m, nn.Conv2d) and m.stride == (2, 2)]
+    assert [(m.kernel_size, m.out_channels) for m in strided] == [((4, 4), 256)] * 2
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    out = ae(x)
+    assert out["rec"].shape == x.shape and out["indices"].shape == (2, 8, 8)
+    assert torch.allclose(ae.decode_code(out["indices"]), out["rec"], atol=1e-5)

@@ -61,6 +61,7 @@ class LPIPS(nn.Module):
         self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1), persistent=False)
         self.requires_grad_(False)
         self.eval()
+        self.to(memory_format=torch.channels_last)
         if load:
             self._load_heads(heads, key)
 
@@ -82,16 +83,31 @@ class LPIPS(nn.Module):
     def train(self, mode: bool = True):
         return super().train(False)  # always eval: dropout in the heads stays off
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """(B,) distances between images x and y in [-1, 1] (grey images are repeated to RGB)."""
-        h = torch.cat([x, y]).to(self.shift.dtype)
-        if h.shape[1] == 1:
+    def features(self, h: torch.Tensor) -> list[torch.Tensor]:
+        """The five unit-normalised feature maps of images h in [-1, 1]."""
+        h = h.to(self.shift.dtype)
+        if h.shape[1] == 1:  # grey images are repeated to RGB
             h = h.expand(-1, 3, -1, -1)
-        h = (h - self.shift) / self.scale
-        total = 0.0
+        h = ((h - self.shift) / self.scale).contiguous(memory_format=torch.channels_last)  # faster convolutions
+        out = []
         for i in range(len(SLICES)):
             h = getattr(self.net, f"slice{i + 1}")(h)
-            f = h / (h.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
-            fx, fy = f.chunk(2)
-            total = total + getattr(self, f"lin{i}")((fx - fy).pow(2)).mean((2, 3))
+            out.append(h / (h.pow(2).sum(1, keepdim=True).sqrt() + 1e-10))
+        return out
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """(B,) distances between images x and y in [-1, 1]. An input that needs no gradient (the
+        data, in a training loss) goes through VGG without autograd: its half of the backward
+        pass, and the memory it would keep, are not spent."""
+        fx, fy = ([self.features(t) for t in (x, y)] if x.requires_grad == y.requires_grad
+                  else [self._maybe_no_grad(t) for t in (x, y)])
+        total = 0.0
+        for i in range(len(SLICES)):
+            total = total + getattr(self, f"lin{i}")((fx[i] - fy[i]).pow(2)).mean((2, 3))
         return total.squeeze(1)
+
+    def _maybe_no_grad(self, t: torch.Tensor) -> list[torch.Tensor]:
+        if t.requires_grad:
+            return self.features(t)
+        with torch.no_grad():
+            return self.features(t)

@@ -18,6 +18,7 @@ FAMILIES = {
     "dcgan": "framework.models.dcgan",
     "nvae": "framework.models.nvae",
     "vqgan": "framework.models.vqgan",
+    "vqvae": "framework.models.vqvae",
 }
 
 

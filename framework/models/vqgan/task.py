@@ -71,6 +71,7 @@ class ModelConfig:
     embed_dim: int = 256
     disc_num_layers: int = 3
     disc_ndf: int = 64
+    channels_last: bool = True  # activations in NHWC memory order (faster convolutions)
     quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     lpips: LPIPSConfig = field(default_factory=LPIPSConfig)
@@ -88,8 +89,8 @@ RANGES = {
 }
 
 
-def check(m, data) -> None:
-    """What the schema and RANGES cannot say, as one-line UserErrors naming the key."""
+def check_objective(m) -> None:
+    """What the schema and RANGES cannot say about the quantizer and loss, as one-line UserErrors."""
     q = m.quantizer
     if q.kind not in ("vq", "fsq"):
         raise UserError(f"key 'model.quantizer.kind' is {q.kind!r}; expected vq or fsq")
@@ -102,6 +103,9 @@ def check(m, data) -> None:
         raise UserError(f"key 'model.loss.rec_loss' is {m.loss.rec_loss!r}; expected l1 or l2")
     if m.loss.disc_loss not in D_LOSSES:
         raise UserError(f"key 'model.loss.disc_loss' is {m.loss.disc_loss!r}; expected hinge or vanilla")
+
+
+def check_architecture(m, data) -> None:
     down = 2 ** (len(m.ch_mult) - 1)
     if data.resolution % down:
         raise UserError(f"key 'data.resolution' is {data.resolution}; the encoder (model.ch_mult has "
@@ -120,14 +124,22 @@ class Task(BaseTask):
     def __init__(self, recipe, env):
         super().__init__(recipe, env)
         m, d = recipe.model, recipe.data
-        check(m, d)
+        check_objective(m)
         self.cfg = m
-        self.ae = VQModel(m, d.channels, d.resolution, recipe.engine.activation_checkpointing == "blocks")
+        self.ae = self.build_autoencoder(m, d, recipe.engine.activation_checkpointing == "blocks")
         self.gan = m.loss.disc_weight > 0
         self.disc = NLayerDiscriminator(d.channels, m.disc_ndf, m.disc_num_layers) if self.gan else None
+        if m.channels_last:  # weights in NHWC too: no reordering per convolution (ZeRO >= 1 may flatten them)
+            for mod in (self.ae, self.disc):
+                if mod is not None:
+                    mod.to(memory_format=torch.channels_last)
         self.lpips = None  # built by frozen_modules (it reads the VGG16 and head files)
         self.objective = VQGANLoss(m.loss, None)
         self._fake: dict[int, torch.Tensor] = {}
+
+    def build_autoencoder(self, m, d, checkpointing: bool):
+        check_architecture(m, d)
+        return VQModel(m, d.channels, d.resolution, checkpointing)
 
     # -- the trainer's interface ------------------------------------------------------------
     def modules(self):
@@ -150,7 +162,7 @@ class Task(BaseTask):
         if name == "disc":
             fake = self._fake.pop(ctx.micro)
             d = ctx.model("disc")
-            real_logits, fake_logits = d(x.detach()), d(fake)
+            real_logits, fake_logits = d(self.ae._fmt(x.detach())), d(fake)
             loss = self.objective.discriminator(real_logits, fake_logits)
             return loss, {"logits_real": real_logits.mean(), "logits_fake": fake_logits.mean()}
         gan = self._gan_on(ctx.step)
