@@ -39,6 +39,12 @@ def test_gan_terms_start_at_disc_start(reference):
     assert [("d_weight" in r, "disc/loss" in r) for r in m] == [(False, False)] * DISC_START + [(True, True)] * (
         STEPS - DISC_START)
     assert all(r["d_weight"] > 0 for r in m[DISC_START:])
+    ck = reference["plain"] / "checkpoints" / f"step_{STEPS:08d}"
+    assert sorted(p.name for p in ck.iterdir() if p.is_dir()) == ["ae", "disc"]  # LPIPS is no engine
+    import torch
+
+    state = torch.load(ck / "ae" / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    assert state["module"] and not any("lpips" in k or k.startswith("net.") for k in state["module"])
 
 
 @pytest.mark.parametrize("stage,quantizer", [(2, "keep"), (3, "plain")])
@@ -87,3 +93,16 @@ def test_smoke_recipe_learns_and_the_usage_options_keep_more_codes_in_use(tmp_pa
     assert val["plain"]["val/usage"] >= 0.08  # measured 0.16: the plain quantizer still uses some codes
     assert val["keep"]["val/usage"] >= 0.9  # measured 0.98
     assert val["keep"]["val/usage"] > val["plain"]["val/usage"] + 0.3
+
+
+def test_bf16_on_zero3_trains_through_the_gan_terms(tmp_path):
+    """bf16 engines on ZeRO-3 (the discriminator's BatchNorm in float32 beside bf16 weights) with
+    the EMA codebook and restarts: finite losses and adaptive weights after disc_start."""
+    import math
+
+    d = tmp_path / "run"
+    run_train(SMOKE, TINY_VQ + KEEP + [f"run.dir={d}", "engine.precision=bf16", "engine.zero_stage=3"])
+    rows = [m for m in metrics(d) if "loss" in m]
+    assert [m["step"] for m in rows] == list(range(1, STEPS + 1))
+    assert all(math.isfinite(m["loss"]) and math.isfinite(m["disc/loss"] if "disc/loss" in m else 0.0) for m in rows)
+    assert all(math.isfinite(m["d_weight"]) and m["d_weight"] >= 0 for m in rows[DISC_START:])

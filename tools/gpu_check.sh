@@ -2,7 +2,7 @@
 # What holds on a CUDA machine, in under 5 minutes on one GPU: no arguments, nothing to set up
 # beyond `make setup`. One line per check: its name, its figure, PASS / FAIL / SKIP; the logs
 # of every check stay in $GPU_CHECK_DIR (default: a fresh temporary folder, printed first).
-# (Its train-1, resume-1 and train-2 blocks were run on a CPU with gloo; the rest needs CUDA.)
+# (Its train-1, resume-1, train-2 and vqgan blocks were run on a CPU with gloo; the rest needs CUDA.)
 #
 #   device-map   the CUDA process group (cpu:gloo,cuda:nccl): all-reduce of a CPU and a CUDA tensor,
 #                an object broadcast, through framework.distributed's helpers
@@ -12,6 +12,10 @@
 #   train-2      2 processes: nccl on 2 GPUs; on 1 GPU both ranks share it over the same device map
 #                with gloo in nccl's place (NCCL refuses two ranks on one device); against 1 process
 #                with the same global batch (largest loss difference)
+#   vqgan        1 rank on nccl: tiny VQGAN, bf16, ZeRO-3, the GAN terms from step 2 (adaptive weight,
+#                LPIPS with random VGG16 weights), EMA codebook with restarts, 6 steps (images/s, usage)
+#   vqgan-step   tools/bench/vqgan_step.py on CUDA: the faceshq step at batch 4, framework vs taming's
+#                algorithm (speed-up per image)
 #   profile      tools/profile_sampling.py on CUDA: celebahq256 at random weights, plain vs fast path
 #   noise        one training step's latent noise for celebahq256 (batch 4) drawn on the GPU (ms)
 #   xformers     memory-efficient attention on CUDA, when xformers is installed
@@ -110,6 +114,26 @@ print(f'{max(abs(a[s]-b[s]) for s in a):.1e}')")
   st=$([ "$($PY -c "print(float('$d') < 1e-3)")" = True ] && echo PASS || echo FAIL)
   line train-2 "$how: max |loss - 1-process loss| $d" "$st"
 else line train-2 "$how: failed (see train-2*.log)" FAIL; fi
+
+# -- vqgan / vqgan-step ----------------------------------------------------------------------------
+VQ="recipes/vqgan/mnist5k_smoke.yaml data.path=$BETON model.ch=32 model.ch_mult=[1,2] model.num_res_blocks=1
+    model.attn_resolutions=[16] model.quantizer.n_embed=64 model.quantizer.ema=true model.quantizer.restart_dead=2
+    model.lpips.vgg_weights=random model.loss.disc_start=2 data.batch_size=16 train.progress=false
+    train.eval_every=0 train.sample_every=6 train.num_samples=8 train.steps=6 engine.precision=bf16 engine.zero_stage=3"
+if timeout 240 $PY -m framework.train $VQ run.dir="$OUT/vqgan" >"$OUT/vqgan.log" 2>&1; then
+  fig=$($PY -c "
+import json, math; ms=[json.loads(l) for l in open('$OUT/vqgan/metrics.jsonl') if 'loss' in l]
+ok = all(math.isfinite(m['loss']) for m in ms) and all(math.isfinite(m['d_weight']) for m in ms[2:])
+print(f"{ms[-1]['images_per_sec']:.0f} images/s, usage {ms[-1]['usage']:.2f}, d_weight {ms[-1]['d_weight']:.2g}")
+import sys; sys.exit(0 if ok else 1)") && st=PASS || st=FAIL
+  line vqgan "$fig" "$st"
+else line vqgan "$(grep -m1 -i 'error' "$OUT/vqgan.log" | cut -c1-58)" FAIL; fi
+if timeout 300 $PY tools/bench/vqgan_step.py --steps 3 --batches 4 >"$OUT/vqgan-step.json" 2>"$OUT/vqgan-step.log"; then
+  fig=$($PY -c "
+import json; r=json.load(open('$OUT/vqgan-step.json'))['framework_vs_taming']
+print(' | '.join(f"{k}: {v['speedup_per_image']}x, mem {v['memory_ratio']}x" for k, v in r.items()))")
+  line vqgan-step "$fig" PASS
+else line vqgan-step "$(tail -1 "$OUT/vqgan-step.log" | cut -c1-58)" FAIL; fi
 
 # -- profile ---------------------------------------------------------------------------------------
 if timeout 200 $PY tools/profile_sampling.py recipes/nvae/celebahq256.yaml --batch-sizes 1,8 --repeats 3 \

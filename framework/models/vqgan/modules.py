@@ -192,6 +192,20 @@ class Decoder(nn.Module):
         return (out, a) if return_last_input else out
 
 
+class BatchNorm2d(nn.BatchNorm2d):
+    """nn.BatchNorm2d (same parameters, buffers and names) computed in float32 whatever the
+    engine's precision: a bf16 engine casts the weights, and DeepSpeed's ZeRO-3 leaves the
+    running statistics in float32 beside them; the statistics are float32 on every stage."""
+
+    def forward(self, x):
+        if self.running_mean.dtype != torch.float32:  # an engine cast the buffers: keep them float32
+            self.running_mean, self.running_var = self.running_mean.float(), self.running_var.float()
+        if self.training:
+            self.num_batches_tracked.add_(1)
+        return F.batch_norm(x.float(), self.running_mean, self.running_var, self.weight.float(), self.bias.float(),
+                            self.training, self.momentum, self.eps).to(x.dtype)
+
+
 class NLayerDiscriminator(nn.Module):
     """The pix2pix PatchGAN taming uses: 4x4 convs, stride 2 then 1, BatchNorm, LeakyReLU(0.2)."""
 
@@ -202,7 +216,7 @@ class NLayerDiscriminator(nn.Module):
         for n in range(1, n_layers + 1):
             prev, mult = mult, min(2**n, 8)
             stride = 2 if n < n_layers else 1
-            layers += [nn.Conv2d(ndf * prev, ndf * mult, 4, stride, 1, bias=False), nn.BatchNorm2d(ndf * mult),
+            layers += [nn.Conv2d(ndf * prev, ndf * mult, 4, stride, 1, bias=False), BatchNorm2d(ndf * mult),
                        nn.LeakyReLU(0.2, True)]
         layers.append(nn.Conv2d(ndf * mult, 1, 4, 1, 1))
         self.main = nn.Sequential(*layers)

@@ -129,10 +129,6 @@ class Task(BaseTask):
         self.ae = self.build_autoencoder(m, d, recipe.engine.activation_checkpointing == "blocks")
         self.gan = m.loss.disc_weight > 0
         self.disc = NLayerDiscriminator(d.channels, m.disc_ndf, m.disc_num_layers) if self.gan else None
-        if m.channels_last:  # weights in NHWC too: no reordering per convolution (ZeRO >= 1 may flatten them)
-            for mod in (self.ae, self.disc):
-                if mod is not None:
-                    mod.to(memory_format=torch.channels_last)
         self.lpips = None  # built by frozen_modules (it reads the VGG16 and head files)
         self.objective = VQGANLoss(m.loss, None)
         self._fake: dict[int, torch.Tensor] = {}
