@@ -27,12 +27,13 @@ import os
 import platform
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from child import run_child  # noqa: E402
 
 
 def child(impl: str, batch: int, ckpt: str, steps: int) -> dict:
@@ -114,23 +115,7 @@ def child(impl: str, batch: int, ckpt: str, steps: int) -> dict:
 
 
 def run_case(impl, batch, ckpt, steps, limit_gib, timeout):
-    cmd = [sys.executable, __file__, "--child", impl, str(batch), ckpt, str(steps)]
-
-    def limit():
-        if limit_gib > 0:
-            b = int(limit_gib * 2**30)
-            resource.setrlimit(resource.RLIMIT_AS, (b, b))
-
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(os.cpu_count())))
-    try:
-        p = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=limit, timeout=timeout, env=env)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout} s"}
-    if p.returncode != 0:
-        tail = (p.stderr.strip().splitlines() or ["?"])[-1]
-        oom = "memory" in p.stderr.lower() or p.returncode in (-9, 137)
-        return {"error": f"out of memory under the {limit_gib} GiB limit" if oom else tail[:300]}
-    return json.loads(p.stdout.strip().splitlines()[-1])
+    return run_child([sys.executable, __file__, "--child", impl, str(batch), ckpt, str(steps)], limit_gib, timeout)
 
 
 def main() -> None:
