@@ -298,7 +298,25 @@ class Codes(Protocol):
         """(number of codes, h, w)"""
 
 
-CAPABILITIES = {Samples: "draw samples", Codes: "encode images to codes", Visualizes: "show reconstructions", PriorSampling: "sample through a prior",
+@runtime_checkable
+class CodePrior(Protocol):
+    """A prior over a first stage's code grids: bits per token (tools/eval_bpd.py), code samples
+    decoded through the frozen first stage (tools/sample.py), tokens/s (tools/profile_sampling.py)."""
+
+    tokens: int  # codes per grid
+
+    def token_nll(self, module, x) -> torch.Tensor:
+        """(B,) nats of each grid of a prepared batch (the sum over its codes)"""
+
+    def sample_codes(self, module, n: int, generator: torch.Generator, sampling=None, grid=None, labels=None,
+                     cached: bool = True) -> torch.Tensor:
+        """(n, H, W) int64 codes"""
+
+    def decode(self, idx: torch.Tensor, first=None) -> torch.Tensor:
+        """codes -> images in [0, 1] through the first stage"""
+
+
+CAPABILITIES = {Samples: "draw samples", CodePrior: "model code grids", Codes: "encode images to codes", Visualizes: "show reconstructions", PriorSampling: "sample through a prior",
                 BatchNormRecalibration: "recalibrate BatchNorm", FastSampling: "sample through a fast path",
                 ImportanceWeights: "give importance weights"}
 

@@ -7,6 +7,11 @@ nats and bits/dim = nats / (C H W ln 2); the ELBO from the same K samples. Mean 
 over the images. K = 1000 is NVAE's setting for its reported figures. K is processed C samples at
 a time (default: about twice the training batch of rows per forward pass) so memory stays bounded.
 Writes `<checkpoint>.bpd-<split>-k<K>.json` beside the checkpoint.
+
+A prior over codes (family prior) is scored exactly instead (its likelihood is a product of
+softmaxes): the negative log-likelihood of every code grid of the split in bits per token
+(nats / ln 2 per code) and bits per image (the sum over the grid, a property of the code grid,
+not of pixels), written to `<checkpoint>.bits-<split>.json`; --iw-samples and --chunk do not apply.
 """
 from __future__ import annotations
 
@@ -38,8 +43,12 @@ def main(argv=None) -> int:
     check_flags(a, {"iw_samples": AT_LEAST_1, "batch_size": AT_LEAST_0, "chunk": AT_LEAST_0, "seed": SEED})
     from framework.eval.bpd import check_family, evaluate_bpd
     from framework.eval.checkpoints import finish, load
+    from framework.task import CodePrior, has
 
-    loaded = load(a.path, ema=not a.no_ema)
+    loaded = load(a.path, ema=not a.no_ema, frozen=False)
+    if has(loaded.task, CodePrior):
+        return token_bits(loaded, a)
+    loaded.add_frozen()
     check_family(loaded)
     r = evaluate_bpd(loaded, a.split, a.iw_samples, a.batch_size, a.chunk, a.seed, a.data, not a.no_progress)
     if loaded.env.is_main:
@@ -52,6 +61,26 @@ def main(argv=None) -> int:
               f"NLL  {r['bpd']:.4f} +- {r['bpd_se']:.4f} bits/dim ({r['nll_nats']:.3f} +- {r['nll_nats_se']:.3f} nats)\n"
               f"ELBO {r['elbo_bpd']:.4f} +- {r['elbo_bpd_se']:.4f} bits/dim ({r['nelbo_nats']:.3f} nats)\n"
               f"wrote {out}", flush=True)
+    finish(loaded.env)
+    return 0
+
+
+def token_bits(loaded, a) -> int:
+    from framework.eval.checkpoints import finish
+    from framework.eval.tokens import evaluate_token_bits
+
+    r = evaluate_token_bits(loaded, a.split, a.batch_size, a.data, not a.no_progress)
+    if loaded.env.is_main:
+        out = Path(a.out) if a.out else loaded.path.with_name(f"{loaded.path.name}.bits-{a.split}.json")
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text(json.dumps(r, indent=1))
+        tmp.replace(out)
+        print(f"{loaded.describe()}\nsplit {r['split']} | {r['grids']} code grids of {r['tokens_per_grid']} codes "
+              f"({r['vocab']} in the vocabulary; uniform: {r['uniform_bits_per_token']:.3f} bits per token) | "
+              f"world {r['world_size']} | {r['seconds']:.1f} s\n"
+              f"NLL {r['bits_per_token']:.4f} +- {r['bits_per_token_se']:.4f} bits per token\n"
+              f"    {r['bits_per_image']:.1f} +- {r['bits_per_image_se']:.1f} bits per image (of the code grid, not of "
+              f"pixels)\nwrote {out}", flush=True)
     finish(loaded.env)
     return 0
 

@@ -99,17 +99,19 @@ def _autocast(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
-def _time(fn, device, repeats: int, warmup: int) -> list[float]:
+def timed(fn, device, repeats: int, warmup: int):
+    """(seconds of each of `repeats` timed calls after `warmup` untimed ones, the last result)."""
+    out = None
     for _ in range(warmup):
-        fn()
+        out = fn()
     _sync(device)
-    out = []
+    times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        fn()
+        out = fn()
         _sync(device)
-        out.append(time.perf_counter() - t0)
-    return out
+        times.append(time.perf_counter() - t0)
+    return times, out
 
 
 @torch.inference_mode()
@@ -145,7 +147,7 @@ def profile_sampling(loaded: Loaded, batch_sizes=(1, 4, 16, 36), temperature: fl
                     return task.images(net, params.float(), temperature, _generator(seed, b, 1))
 
             outs[name] = run()
-            times = _time(run, dev, repeats, warmup)
+            times, _ = timed(run, dev, repeats, warmup)
             ms = [1000 * t / b for t in times]
             rows.append({"path": name, "batch": b, "ms_per_image": statistics.median(ms), "ms_min": min(ms),
                          "ms_max": max(ms), "images_per_s": b / statistics.median(times)})
@@ -177,11 +179,17 @@ def _cpu_name() -> str:
     return "cpu"
 
 
+def format_rows(columns: list[tuple[str, int, str]], rows: list[dict]) -> str:
+    """A text table: columns are (key, width, format spec: '' left-aligned text, else e.g. '.2f')."""
+    def cell(v, w, spec):
+        return f"{v:<{w}}" if not spec else (f"{v:>{w}{spec}}" if isinstance(v, (int, float)) else f"{v:>{w}}")
+    head = " ".join(f"{k:<{w}}" if not spec else f"{k:>{w}}" for k, w, spec in columns)
+    return "\n".join([head] + [" ".join(cell(r[k], w, spec) for k, w, spec in columns) for r in rows])
+
+
 def format_table(report: dict) -> str:
-    lines = [f"{'path':<6} {'batch':>5} {'ms/image':>10} {'min':>9} {'max':>9} {'images/s':>9} {'vs plain':>8}"]
     sp = report["speedup_fast_vs_plain"]
-    for r in report["results"]:
-        rel = f"{sp[r['batch']]:.2f}x" if r["path"] == "fast" and r["batch"] in sp else ""
-        lines.append(f"{r['path']:<6} {r['batch']:>5} {r['ms_per_image']:>10.2f} {r['ms_min']:>9.2f} "
-                     f"{r['ms_max']:>9.2f} {r['images_per_s']:>9.1f} {rel:>8}")
-    return "\n".join(lines)
+    rows = [{**r, "vs plain": f"{sp[r['batch']]:.2f}x" if r["path"] == "fast" and r["batch"] in sp else ""}
+            for r in report["results"]]
+    return format_rows([("path", 6, ""), ("batch", 5, "d"), ("ms_per_image", 12, ".2f"), ("ms_min", 9, ".2f"),
+                        ("ms_max", 9, ".2f"), ("images_per_s", 12, ".1f"), ("vs plain", 8, "s")], rows)

@@ -19,6 +19,7 @@ FAMILIES = {
     "nvae": "framework.models.nvae",
     "vqgan": "framework.models.vqgan",
     "vqvae": "framework.models.vqvae",
+    "prior": "framework.models.prior",
 }
 
 
