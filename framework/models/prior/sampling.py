@@ -92,7 +92,8 @@ def condition_ids(model, n: int, labels, sos_token: int, s: SamplingConfig, devi
 
 
 def _guided(logits: torch.Tensor, n: int, s: SamplingConfig) -> torch.Tensor:
-    if s.guidance == 1 or logits.shape[0] == n:
+    """(n or 2n, V) -> (n, V): rows n.. are the "no class" rows of the same grids."""
+    if logits.shape[0] == n:
         return logits
     cond, uncond = logits[:n], logits[n:]
     return cond + (s.guidance - 1) * (cond - uncond)
@@ -169,13 +170,13 @@ def sample_window_reference(model: GPT, n: int, grid: tuple[int, int], local: tu
 
 @torch.no_grad()
 def sample_window(model: GPT, n: int, grid: tuple[int, int], local: tuple[int, int], generator: torch.Generator,
-                  s: SamplingConfig, labels=None, sos_token: int = 0, limit: int = 0) -> torch.Tensor:
+                  s: SamplingConfig, labels=None, sos_token: int = 0, limit: int = 0,
+                  record: list | None = None) -> torch.Tensor:
     """The sliding-window rule with KV caches (see the module's docstring); the same tokens as
-    `sample_window_reference` (up to float rounding of the logits)."""
+    `sample_window_reference` (up to float rounding of the logits). `record` gets (i, j, i0, j0) of
+    every code: the window it was drawn in."""
     H, W = grid
     lh, lw = local
-    if (H, W) == (lh, lw):
-        return sample_gpt(model, n, grid, generator, s, labels, sos_token, limit=limit)
     if H < lh or W < lw:
         raise UserError(f"grid {H}x{W} is smaller than the training grid {lh}x{lw}")
     device = model.head.weight.device
@@ -223,6 +224,8 @@ def sample_window(model: GPT, n: int, grid: tuple[int, int], local: tuple[int, i
             else:  # lj == 0: the output at position li*lw came from step 1 (the last position it computed)
                 logits = last[k * rows:(k + 1) * rows]
             idx[:, i, j] = draw(_guided(logits, n, s), u[i * W + j], s)
+            if record is not None:
+                record.append((i, j, i0, j0))
     return idx
 
 
