@@ -6,7 +6,8 @@ current row masked in the first layer and, in every layer, never reaching rows b
 horizontal stack the pixels to the left in the current row (a 1 x (k//2 + 1) kernel, the current
 pixel masked in the first layer) plus the vertical stack's features of the row above; so there
 is no blind spot: with enough layers every earlier position in raster order reaches the output.
-Gates tanh(a) * sigmoid(b), a class embedding added to both halves when class-conditional, a
+Gates tanh(a) * sigmoid(b), a class embedding added to both halves when class-conditional (one
+row more: "no class", for classifier-free guidance), a
 residual on the horizontal stack after the first layer, then two 1 x 1 convolutions to logits.
 """
 from __future__ import annotations
@@ -48,7 +49,7 @@ class GatedLayer(nn.Module):
         self.vert_to_horiz = nn.Conv2d(2 * dim, 2 * dim, 1)
         self.horiz = MaskedConv2d(dim, 2 * dim, (1, r + 1), (0, r), hmask)
         self.horiz_resid = nn.Conv2d(dim, dim, 1)
-        self.cond = nn.Embedding(n_classes, 2 * dim) if n_classes else None
+        self.cond = nn.Embedding(n_classes + 1, 2 * dim) if n_classes else None  # the last row: no class
         self.first = first
 
     def forward(self, xv, xh, label=None):

@@ -236,16 +236,15 @@ def sample_pixelcnn(model, n: int, grid: tuple[int, int], generator: torch.Gener
     h, w = grid
     device = next(model.parameters()).device
     u = uniforms(n, h * w, generator, device)
-    lab = None
+    lab, rows = None, n
     if model.n_classes:
-        if labels is None:
-            raise ValueError("a class-conditional prior needs labels")
-        lab = torch.as_tensor(labels, dtype=torch.long, device=device).reshape(n)
+        lab = condition_ids(model, n, labels, 0, s, device)
+        rows = lab.shape[0]
     idx = torch.zeros((n, h, w), dtype=torch.long, device=device)
     for i in range(h):
         for j in range(w):
             if limit and i * w + j >= limit:
                 return idx
-            logits = model(idx, lab)[:, :, i, j]
-            idx[:, i, j] = draw(logits, u[i * w + j], s)
+            logits = model(_twice(idx, n, rows), lab)[:, :, i, j]
+            idx[:, i, j] = draw(_guided(logits, n, s), u[i * w + j], s)
     return idx

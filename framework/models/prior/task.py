@@ -245,14 +245,15 @@ class Task(BaseTask):
 
     @contextmanager
     def _dropout_rng(self, ctx):
-        """Dropout masks from a generator seeded by (seed, step, micro-batch, rank): a resumed run draws
-        the ones it would have drawn."""
+        """Dropout masks from a generator seeded by (seed, step, the micro-batch's first global row):
+        a resumed run draws the ones it would have drawn, and 1 rank with 2 micro-batches the ones of
+        2 ranks."""
         if not self._dropout:
             yield
             return
         devices = [ctx.device] if torch.device(ctx.device).type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(draw_base(ctx.seed, 0xD0, ctx.step, ctx.micro, ctx.rank))
+            torch.manual_seed(draw_base(ctx.seed, 0xD0, ctx.step, int(ctx.rows[0])))
             yield
 
     def loss(self, name, x, ctx):
