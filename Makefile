@@ -57,12 +57,14 @@ demo: setup data/mnist5k.beton
 	$(PY) tools/sample.py $$ck --n 64 --temperatures 0.6,0.8,1.0; \
 	echo "after training: $$ck (recalibrated checkpoint), $$ck.bpd-val-k8.json, $$ck.profile.json, $(DEMO_RUN)/samples/"
 
-# VQGAN stage 1 on the bundled photographs at 256 px (vqgan/photos256_smoke.yaml: 40 steps, then
-# its validation figures), the code .beton a prior trains from (all 3000 images) and a
-# reconstruction grid. Without torchvision's VGG16 file in the torch hub cache, LPIPS runs with
-# random VGG weights and the demo says so. (tools/eval_recon.py gives the figures again with
-# standard errors: another 2.5 minutes here.)
+# The two-stage chain on the bundled photographs at 256 px: VQGAN stage 1 (vqgan/photos256_smoke.yaml:
+# 40 steps, then its validation figures), the code .beton (all 3000 images), a reconstruction grid,
+# then the GPT prior over the codes (prior/photos256_gpt_smoke.yaml: 100 steps), its bits per token,
+# decoded samples (16 x 16 codes = 256 px, and 32 x 32 = 512 px by the sliding window) and the
+# sampling profile (cached vs uncached). Without torchvision's VGG16 file in the torch hub cache,
+# LPIPS runs with random VGG weights and the demo says so.
 DEMO_VQ_RUN ?= runs/vqgan_photos256_smoke
+DEMO_PRIOR_RUN ?= runs/prior_photos256_gpt_smoke
 demo-vq: setup data/photos256.beton
 	@vgg=$$($(PY) -c "from framework.losses.vgg import vgg16_weights_path as p; print(p())"); \
 	if [ -f "$$vgg" ]; then lp=""; else lp="model.lpips.vgg_weights=random"; \
@@ -70,6 +72,12 @@ demo-vq: setup data/photos256.beton
 	$(PY) -m framework.train recipes/vqgan/photos256_smoke.yaml run.dir=$(DEMO_VQ_RUN) $$lp $(ARGS)
 	$(PY) tools/encode_codes.py $(DEMO_VQ_RUN) data/photos256.beton data/photos256_codes.beton --overwrite
 	$(PY) tools/sample.py $(DEMO_VQ_RUN) --n 16
+	$(PY) -m framework.train recipes/prior/photos256_gpt_smoke.yaml run.dir=$(DEMO_PRIOR_RUN) \
+	  model.first_stage=$(DEMO_VQ_RUN) $(PRIOR_ARGS)
+	$(PY) tools/eval_bpd.py $(DEMO_PRIOR_RUN)
+	$(PY) tools/sample.py $(DEMO_PRIOR_RUN) --n 16 --temperatures 1.0 --top-k 100 --codes-out $(DEMO_PRIOR_RUN)/samples/codes.npz
+	$(PY) tools/sample.py $(DEMO_PRIOR_RUN) --n 4 --temperatures 1.0 --top-k 100 --grid 32,32
+	$(PY) tools/profile_sampling.py $(DEMO_PRIOR_RUN) --batch-sizes 1,8 --json $(DEMO_PRIOR_RUN)/profile.json | grep -v '^{'
 
 test: setup
 	$(PY) -m pytest -q tests $(ARGS)
@@ -85,6 +93,7 @@ bench: setup data/mnist5k.beton
 	$(PY) tools/bench/nvae_step.py
 	$(PY) tools/bench/noise.py
 	$(PY) tools/bench/vqgan_step.py
+	$(PY) tools/bench/prior_sampling.py
 
 clean-runs:
 	rm -rf runs

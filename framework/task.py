@@ -301,9 +301,8 @@ class Codes(Protocol):
 @runtime_checkable
 class CodePrior(Protocol):
     """A prior over a first stage's code grids: bits per token (tools/eval_bpd.py), code samples
-    decoded through the frozen first stage (tools/sample.py), tokens/s (tools/profile_sampling.py)."""
-
-    tokens: int  # codes per grid
+    decoded through the frozen first stage (tools/sample.py), tokens/s (tools/profile_sampling.py).
+    Its task also has `tokens` (codes per grid) and `grid` (h, w)."""
 
     def token_nll(self, module, x) -> torch.Tensor:
         """(B,) nats of each grid of a prepared batch (the sum over its codes)"""
@@ -326,13 +325,14 @@ def has(task, capability) -> bool:
 
 
 def require(task, capability, what: str) -> None:
-    """A one-line UserError when `task`'s family lacks `capability` (`what`: the tool asking)."""
-    if isinstance(task, capability):
+    """A one-line UserError when `task`'s family lacks `capability` (or every one of a tuple of
+    them; `what`: the tool asking)."""
+    caps = capability if isinstance(capability, tuple) else (capability,)
+    if any(isinstance(task, c) for c in caps):
         return
     from .models import FAMILIES, family_module
 
-    able = [f for f in sorted(FAMILIES) if issubclass(family_module(f).Task, capability)]
+    able = [f for f in sorted(FAMILIES) if any(issubclass(family_module(f).Task, c) for c in caps)]
     family = task.recipe.model.family
-    raise UserError(f"{what}: family {family!r} cannot {CAPABILITIES[capability]}"
+    raise UserError(f"{what}: family {family!r} cannot {' or '.join(CAPABILITIES[c] for c in caps)}"
                     f"{' (families that can: ' + ', '.join(able) + ')' if able else ''}")
-

@@ -83,9 +83,9 @@ def tool(name, *args):
 
 
 @pytest.mark.parametrize("name,path,what,able", [
-    ("sample.py", "TOY_RUN", "cannot draw samples", "dcgan, nvae, vae"),
-    ("eval_bpd.py", "TOY_RUN", "cannot give importance weights", "nvae"),
-    ("profile_sampling.py", VAE, "cannot sample through a prior", "nvae"),
+    ("sample.py", "TOY_RUN", "cannot draw samples", "dcgan, nvae, prior, vae"),
+    ("eval_bpd.py", "TOY_RUN", "cannot give importance weights or model code grids", "nvae, prior"),
+    ("profile_sampling.py", VAE, "cannot sample through a prior or model code grids", "nvae, prior"),
     ("recalibrate_bn.py", "TOY_RUN", "cannot recalibrate BatchNorm", "nvae"),
 ])
 def test_tool_on_a_family_without_the_capability_is_one_line(name, path, what, able, toy_run):

@@ -45,7 +45,10 @@ def main(argv=None) -> int:
     from framework.eval.checkpoints import finish, load
     from framework.task import CodePrior, has
 
+    from framework.task import ImportanceWeights, require
+
     loaded = load(a.path, ema=not a.no_ema, frozen=False)
+    require(loaded.task, (ImportanceWeights, CodePrior), f"{loaded.path}: eval_bpd.py")
     if has(loaded.task, CodePrior):
         return token_bits(loaded, a)
     loaded.add_frozen()

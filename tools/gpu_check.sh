@@ -16,6 +16,9 @@
 #                LPIPS with random VGG16 weights), EMA codebook with restarts, 6 steps (images/s, usage)
 #   vqgan-step   tools/bench/vqgan_step.py on CUDA: the faceshq step at batch 4, framework vs taming's
 #                algorithm (speed-up per image)
+#   prior        the vqgan block's codes (encode_codes.py on CUDA), then a tiny GPT prior on nccl, bf16,
+#                ZeRO-3, checkpointed blocks (xformers' kernel when installed): finite, below uniform
+#   prior-sample tools/profile_sampling.py on CUDA: the 12-layer / 512 GPT, cached vs uncached (tokens/s)
 #   profile      tools/profile_sampling.py on CUDA: celebahq256 at random weights, plain vs fast path
 #   noise        one training step's latent noise for celebahq256 (batch 4) drawn on the GPU (ms)
 #   xformers     memory-efficient attention on CUDA, when xformers is installed
@@ -134,6 +137,32 @@ import json; r=json.load(open('$OUT/vqgan-step.json'))['framework_vs_taming']
 print(' | '.join(f"{k}: {v['speedup_per_image']}x, mem {v['memory_ratio']}x" for k, v in r.items()))")
   line vqgan-step "$fig" PASS
 else line vqgan-step "$(tail -1 "$OUT/vqgan-step.log" | cut -c1-58)" FAIL; fi
+
+# -- prior / prior-sample ----------------------------------------------------------------------------
+if [ -d "$OUT/vqgan/checkpoints" ] && timeout 120 $PY tools/encode_codes.py "$OUT/vqgan" "$BETON" "$OUT/codes.beton" \
+     --no-progress >"$OUT/encode.log" 2>&1 && timeout 240 $PY -m framework.train recipes/prior/mnist5k_gpt_smoke.yaml \
+     run.dir="$OUT/prior" model.first_stage="$OUT/vqgan" data.path="$OUT/codes.beton" model.vocab_size=64 \
+     model.grid=[16,16] model.gpt.block_size=256 engine.precision=bf16 engine.zero_stage=3 \
+     engine.activation_checkpointing=blocks train.steps=20 train.eval_every=20 train.sample_every=20 \
+     train.progress=false >"$OUT/prior.log" 2>&1; then
+  fig=$($PY -c "
+import json, math; ms=[json.loads(l) for l in open('$OUT/prior/metrics.jsonl')]
+v=[m['val/bits_per_token'] for m in ms if 'val/bits_per_token' in m][-1]
+ok = all(math.isfinite(m['loss']) for m in ms if 'loss' in m) and v < 6
+print(f\"{ms[-2].get('images_per_sec', 0):.0f} grids/s, val {v:.2f} bits/token (uniform 6)\")
+import sys; sys.exit(0 if ok else 1)") && st=PASS || st=FAIL
+  line prior "$fig" "$st"
+else line prior "$(grep -m1 -i 'error' "$OUT/prior.log" "$OUT/encode.log" 2>/dev/null | cut -c1-58)" FAIL; fi
+if timeout 240 $PY tools/profile_sampling.py recipes/prior/faceshq256_gpt.yaml model.gpt.n_layer=12 model.gpt.n_head=8 \
+     model.gpt.n_embd=512 model.gpt.block_size=256 model.first_stage=recipes/vqgan/faceshq256.yaml --batch-sizes 1,8 \
+     --no-progress --json "$OUT/prior-sample.json" >"$OUT/prior-sample.log" 2>&1; then
+  fig=$($PY -c "
+import json; r=json.load(open('$OUT/prior-sample.json'))
+t={(x['path'],x['batch']):x['tokens_per_s'] for x in r['results']}
+same=min(r['same_tokens_cached_vs_uncached'].values())
+print(f\"b1 {t[('cached',1)]:.0f} tok/s ({r['speedup_cached_vs_uncached']['1']:.1f}x), b8 {t[('cached',8)]:.0f}, same {same:.2f}\")")
+  line prior-sample "$fig" PASS
+else line prior-sample "$(tail -1 "$OUT/prior-sample.log" | cut -c1-58)" FAIL; fi
 
 # -- profile ---------------------------------------------------------------------------------------
 if timeout 200 $PY tools/profile_sampling.py recipes/nvae/celebahq256.yaml --batch-sizes 1,8 --repeats 3 \

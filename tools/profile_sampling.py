@@ -67,7 +67,10 @@ def main(argv=None) -> int:
     from framework.eval.sampling import format_table, profile_sampling
     from framework.task import CodePrior, has
 
+    from framework.task import PriorSampling, require
+
     loaded = load(a.path, overrides=a.overrides, frozen=False)
+    require(loaded.task, (PriorSampling, CodePrior), f"{loaded.path}: profile_sampling.py")
     if has(loaded.task, CodePrior):
         return profile_prior(loaded, a)
     if a.overrides:

@@ -116,11 +116,12 @@ def profile_tokens(loaded: Loaded, batch_sizes=(1, 8), sampling=None, repeats: i
                                             limit)
 
             times, codes[path] = timed(run, dev, repeats, warmup)
-            dec = []
-            if decode:
+            if decode and path == paths[0]:  # the same decoder work for either sampler: timed once
                 dec, _ = timed(lambda: task.decode(codes[path]), dev, repeats, min(warmup, 1))
+                t_dec = statistics.median(dec)
+            elif not decode:
+                t_dec = 0.0
             t_codes = statistics.median(times)
-            t_dec = statistics.median(dec) if dec else 0.0
             rows.append({"path": path, "batch": b, "tokens_per_s": b * tokens / t_codes,
                          "ms_per_image": 1000 * (t_codes + t_dec) / b, "decode_ms_per_image": 1000 * t_dec / b,
                          "s_per_batch_min": min(times), "s_per_batch_max": max(times)})
