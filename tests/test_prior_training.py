@@ -174,7 +174,20 @@ def test_smoke_prior_learns_and_its_samples_have_their_class(stage1, tmp_path):
     assert {r["path"] for r in rep["results"]} == {"cached", "uncached"}
 
 
-def test_bad_input_is_one_line_exit_2(stage1, tmp_path):
+def test_bf16_zero3_with_checkpointed_blocks_trains(stage1, tmp_path):
+    d = tmp_path / "run"
+    run_train(PRIOR, tiny(stage1) + [f"run.dir={d}", "engine.zero_stage=3", "engine.precision=bf16",
+                                     "engine.activation_checkpointing=blocks", "train.steps=6"], nproc=2)
+    rows = [m for m in metrics(d) if "loss" in m]
+    assert [m["step"] for m in rows] == list(range(1, 7)) and all(math.isfinite(m["loss"]) for m in rows)
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    val = [m["val/bits_per_token"] for m in metrics(d) if "val/bits_per_token" in m]
+    assert val and math.isfinite(val[-1]) and val[-1] < math.log2(128)
+    p = tool("eval_bpd.py", str(d), "--no-progress")  # the ZeRO-3 bf16 shards gathered for the tool
+    assert "bits per token" in p.stdout
+
+
+def test_bad_input_is_one_line_exit_2(stage1, reference, tmp_path):
     vq, codes = stage1
     base = tiny(stage1) + [f"run.dir={tmp_path / 'run'}"]
     cases = [(["model.vocab_size=64"], "was encoded with 128 codes"),
@@ -187,3 +200,12 @@ def test_bad_input_is_one_line_exit_2(stage1, tmp_path):
         assert p.returncode == 2 and msg in p.stderr, (extra, p.stderr[-2000:])
         assert len([ln for ln in p.stderr.splitlines() if ln.startswith("error:")]) == 1
     assert not (tmp_path / "run" / "checkpoints").exists()
+    run = str(reference["gpt"])
+    for args, msg in [(["--top-k", "0"], "--top-k is 0; it must be >= 1"),
+                      (["--top-p", "1.5"], "--top-p is 1.5; it must be in (0, 1]"),
+                      (["--temperatures", "0"], "temperature must be > 0"),
+                      (["--grid", "2,2"], "smaller than the training grid"),
+                      (["--first-stage", str(tmp_path / "missing")], "no such run")]:
+        p = tool("sample.py", run, "--n", "2", *args, check=False)
+        assert p.returncode == 2 and msg in p.stderr and "Traceback" not in p.stderr, (args, p.stderr[-2000:])
+    assert not list((reference["gpt"] / "samples").glob("*_t*.png"))  # nothing written

@@ -62,6 +62,18 @@ def wait_gone(e: dict, jid: str, limit_s: float = 600) -> None:
     raise AssertionError(f"job {jid} still queued after {limit_s} s")
 
 
+def final_state(e: dict, jid: str, limit_s: float = 60) -> list[str]:
+    """The job's accounting state once slurmdbd has recorded its end (sacct can still say RUNNING for
+    a few seconds after the job has left the queue); after limit_s, whatever it says."""
+    t0 = time.time()
+    while True:
+        state = subprocess.run(["sacct", "-n", "-X", "-j", jid, "-o", "State"], env=e, capture_output=True,
+                               text=True).stdout.split()
+        if (state and state[-1] not in ("RUNNING", "PENDING", "REQUEUED", "COMPLETING")) or time.time() - t0 > limit_s:
+            return state
+        time.sleep(1)
+
+
 def tiny(run_dir: Path, steps: int, *extra: str) -> list[str]:
     return [VAE, *TINY_VAE, f"run.dir={run_dir}", f"train.steps={steps}", *SAME, *extra]
 
@@ -116,8 +128,7 @@ def test_preemption_checkpoints_requeues_and_resumes_exactly(slurm, torchrun_los
     got = train_losses(d)
     for s in range(1, 41):
         assert abs(got[s] - torchrun_losses[s]) < 1e-6, (s, got[s], torchrun_losses[s])
-    state = subprocess.run(["sacct", "-n", "-X", "-j", jid, "-o", "State"], env=slurm, capture_output=True,
-                           text=True).stdout.split()
+    state = final_state(slurm, jid)
     assert state and state[-1] == "COMPLETED", state
 
 
