@@ -529,6 +529,16 @@ class Trainer:
                   f"tensorboard --logdir {self.run_dir / 'tb'}", flush=True)
         return 0
 
+    def close(self) -> None:
+        """After fit returned on every rank (done, requeue or abort: decisions all ranks share): the
+        loaders stop, then the process group ends in order (all ranks here, then destroyed). A rank
+        that exits with the group alive can abort at interpreter shutdown ("terminate called
+        without an active exception", SIGABRT), which torchrun reports as a failed run."""
+        self.train_data.close()
+        if self.env.world_size > 1:
+            dist.barrier()
+            dist.shutdown()
+
     def _any_stop(self) -> bool:
         """Whether any rank got a stop signal: a reduction, so that every rank takes the same branch
         (a signal landing between two ranks' checks cannot split them)."""
@@ -542,7 +552,9 @@ def train(recipe) -> int:
     """The entry every launcher ends in."""
     trainer = Trainer(recipe)
     try:
-        return trainer.fit()
+        rc = trainer.fit()
     except TrainingAborted as e:
         print(f"error: training aborted: {e}", file=sys.stderr, flush=True)
-        return EXIT_ABORT
+        rc = EXIT_ABORT
+    trainer.close()
+    return rc
