@@ -120,6 +120,15 @@ def train_losses(run_dir: Path, key: str = "loss") -> dict[int, float]:
     return {m["step"]: m[key] for m in metrics(run_dir) if key in m}
 
 
+def assert_same_losses(ref: Path, got: Path, keys, tol: float = 1e-5) -> None:
+    """Every logged step of every key in `keys` equal in two runs, to `tol` relative (0: bit for bit)."""
+    for key in keys:
+        a, b = train_losses(ref, key), train_losses(got, key)
+        assert a and sorted(a) == sorted(b), (key, a, b)
+        for s in a:
+            assert abs(a[s] - b[s]) <= tol * max(1.0, abs(a[s])), (key, s, a[s], b[s])
+
+
 @pytest.fixture
 def run_dir(tmp_path) -> Path:
     return tmp_path / "run"

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import MNIST_BETON, REPO, VQGAN, env, kill9, metrics, run_train, start_train, train_losses, wait_for
+from conftest import (MNIST_BETON, REPO, VQGAN, assert_same_losses, env, kill9, metrics, run_train, start_train,
+                      wait_for)
 
 pytestmark = pytest.mark.slow  # real training runs and tools in real processes: minutes
 
@@ -53,11 +54,7 @@ def tiny(stage1, arch="gpt"):
 
 
 def assert_same(ref, got, keys=KEYS, tol=1e-5):
-    for key in keys:
-        a, b = train_losses(ref, key), train_losses(got, key)
-        assert a and sorted(a) == sorted(b), (key, a, b)
-        for s in a:
-            assert abs(a[s] - b[s]) <= tol * max(1.0, abs(a[s])), (key, s, a[s], b[s])
+    assert_same_losses(ref, got, keys, tol)
     va = [m for m in metrics(ref) if "val/bits_per_token" in m]
     vb = [m for m in metrics(got) if "val/bits_per_token" in m]
     assert va and abs(va[-1]["val/bits_per_token"] - vb[-1]["val/bits_per_token"]) <= tol * 10

@@ -4,7 +4,7 @@ before disc_start resumes exactly after it, and the smoke recipe learns and keep
 use. LPIPS has random VGG16 weights (model.lpips.vgg_weights=random): no weights ship here."""
 import pytest
 
-from conftest import VQGAN as SMOKE, TINY_VQ, kill9, metrics, run_train, start_train, train_losses, wait_for
+from conftest import VQGAN as SMOKE, TINY_VQ, assert_same_losses, kill9, metrics, run_train, start_train, wait_for
 
 pytestmark = pytest.mark.slow  # real training runs in real processes: minutes
 
@@ -16,11 +16,7 @@ KEYS = ("loss", "rec_loss", "qloss", "lpips", "usage", "perplexity", "disc/loss"
 
 
 def assert_same(ref, got, keys=KEYS, tol=1e-5):
-    for key in keys:
-        a, b = train_losses(ref, key), train_losses(got, key)
-        assert a and sorted(a) == sorted(b), (key, a, b)
-        for s in a:
-            assert abs(a[s] - b[s]) <= tol * max(1.0, abs(a[s])), (key, s, a[s], b[s])
+    assert_same_losses(ref, got, keys, tol)
 
 
 @pytest.fixture(scope="module")
