@@ -104,13 +104,10 @@ def emit(loaded, r: dict, a) -> int:
 
 def profile_prior(loaded, a) -> int:
     from framework.config import Range, check_flags
-    from framework.eval.tokens import format_token_table, profile_tokens
+    from framework.eval.tokens import format_token_table, parse_grid, profile_tokens
     from framework.models.prior.sampling import SamplingConfig
 
     check_flags(a, {"top_k": Range(0), "top_p": Range(0, 1, lo_open=True), "tokens": Range(0)})
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from sample import grid_arg
-
     task = loaded.task
     if a.first_stage or loaded.recipe.model.first_stage:
         task.load_first_stage(a.first_stage)
@@ -118,7 +115,7 @@ def profile_prior(loaded, a) -> int:
     s = SamplingConfig(a.temperature, top_k, a.top_p, 1.0)
     bs = ints(a.batch_sizes or "1,8")
     r = profile_tokens(loaded, bs, s, 3 if a.repeats is None else a.repeats, 1 if a.warmup is None else a.warmup,
-                       a.precision, a.seed, grid_arg(a.grid), not a.no_uncached, not a.no_progress, a.tokens)
+                       a.precision, a.seed, parse_grid(a.grid), not a.no_uncached, not a.no_progress, a.tokens)
     if loaded.env.is_main:
         print(f"{loaded.describe()}\n{r['device_name']} ({r['device']}, {r['threads']} threads) | {r['precision']} | "
               f"{r['arch']} {r['parameters']:,} parameters | grid {r['grid'][0]}x{r['grid'][1]}"

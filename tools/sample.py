@@ -84,18 +84,6 @@ def main(argv=None) -> int:
     return 0
 
 
-def grid_arg(text: str):
-    if not text:
-        return None
-    try:
-        h, w = (int(v) for v in text.split(","))
-    except ValueError:
-        raise UserError(f"--grid: expected H,W like 32,32, got {text!r}") from None
-    if h < 1 or w < 1:
-        raise UserError(f"--grid: expected positive sizes, got {text!r}")
-    return h, w
-
-
 def sample_prior(loaded, a, temps) -> int:
     import dataclasses
 
@@ -109,7 +97,9 @@ def sample_prior(loaded, a, temps) -> int:
     s = dataclasses.replace(s, top_k=s.top_k if a.top_k is None else a.top_k,
                             top_p=s.top_p if a.top_p is None else a.top_p,
                             guidance=s.guidance if a.guidance is None else a.guidance)
-    grid = grid_arg(a.grid)
+    from framework.eval.tokens import parse_grid
+
+    grid = parse_grid(a.grid)
     m = loaded.recipe.model
     paths = sample_prior_grids(loaded, a.n, temps, s, grid, a.out or None, a.seed, a.codes_out or None,
                                m.n_classes or None)

@@ -28,6 +28,19 @@ from .sampling import _autocast, _cpu_name, format_rows, timed
 LN2 = math.log(2.0)
 
 
+def parse_grid(text: str):
+    """--grid H,W -> (H, W), or None for an empty flag; a bad value is a one-line UserError."""
+    if not text:
+        return None
+    try:
+        h, w = (int(v) for v in text.split(","))
+    except ValueError:
+        raise UserError(f"--grid: expected H,W like 32,32, got {text!r}") from None
+    if h < 1 or w < 1:
+        raise UserError(f"--grid: expected positive sizes, got {text!r}")
+    return h, w
+
+
 def check_family(loaded: Loaded, tool: str) -> None:
     require(loaded.task, CodePrior, f"{loaded.path}: {tool}")
 
