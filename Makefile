@@ -2,6 +2,7 @@
 PYTHON ?= python3.11
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
+TORCHVISION_VERSION ?= 0.28.0
 # Debian packages FFCV builds against; slurm/local_cluster.sh installs Slurm's own.
 APT_PACKAGES ?= pkg-config libopencv-dev libturbojpeg0-dev
 PY := $(VENV)/bin/python
@@ -30,6 +31,10 @@ $(STAMP): pyproject.toml Makefile | system-deps
 	@# LPIPS's linear heads ship in the lpips wheel; without its torchvision dependency (PyPI's
 	@# torchvision does not import beside the CPU torch build): framework/losses reads the file only
 	$(PY) -m pip install -q --no-deps "lpips==0.1.4"
+	@# torch-fidelity's FID Inception (framework/eval/fid.py), with torchvision matched to TORCH_SPEC; without
+	@# their declared dependencies, so pip never replaces the pinned torch. (Beside the CPU torch, PyPI's
+	@# torchvision cannot load its C++ ops: framework.eval.fid.import_torch_fidelity works around its import.)
+	$(PY) -m pip install -q --no-deps "torchvision==$(TORCHVISION_VERSION)" "torch-fidelity==0.4.0"
 	@touch $(STAMP)
 
 data/photos256.beton: | setup

@@ -116,6 +116,8 @@ class TrainConfig:
     ema: float = 0.0  # EMA decay of the weights; 0 disables
     progress: bool = True
     resume_changed: str = "refuse"  # refuse | allow: resume a checkpoint although training keys changed
+    fid_every: int = 0  # log val/fid (samples against the validation split) every N steps; 0: never (costly)
+    fid_samples: int = 5000  # samples per val/fid (FID is biased upwards at small n)
     skip: SkipConfig = field(default_factory=SkipConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
 
@@ -138,12 +140,20 @@ class LauncherConfig:
 
 
 @dataclass
+class EvalConfig:
+    # torch-fidelity's FID Inception weights (tools/eval_fid.py, train.fid_every): '' = the torch hub
+    # cache's checkpoints/weights-inception-2015-12-05-6726825d.pth; 'random' = seeded random (tests)
+    inception_weights: str = ""
+
+
+@dataclass
 class Recipe:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: Any = MISSING  # the family's own dataclass, chosen by model.family
     engine: EngineConfig = field(default_factory=EngineConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
 
 
@@ -194,7 +204,7 @@ RANGES = {
     **{f"engine.{k}": v for k, v in ENGINE_RANGES.items() if k != "start_step"},
     "train.steps": AT_LEAST_1, "train.log_every": AT_LEAST_1, "train.eval_every": AT_LEAST_0,
     "train.sample_every": AT_LEAST_0, "train.num_samples": Range(1, 4096), "train.sample_temperature": POSITIVE,
-    "train.checkpoint_every": AT_LEAST_0, "train.keep_checkpoints": AT_LEAST_0, "train.ema": FRACTION,
+    "train.checkpoint_every": AT_LEAST_0, "train.fid_every": AT_LEAST_0, "train.fid_samples": Range(2), "train.keep_checkpoints": AT_LEAST_0, "train.ema": FRACTION,
     "train.skip.grad_norm_threshold": AT_LEAST_0, "train.skip.loss_threshold": AT_LEAST_0,
     "train.skip.max_consecutive": AT_LEAST_1, "train.debug.nan_loss_at_steps": AT_LEAST_1,
     "train.debug.sleep_after_step_s": AT_LEAST_0, "train.debug.sleep_in_checkpoint_s": AT_LEAST_0,
@@ -401,7 +411,7 @@ def to_yaml(recipe: DictConfig) -> str:
 NOT_TRAINING = ("run.dir", "launcher.", "train.progress", "train.log_every", "train.eval_every",
                 "train.sample_every", "train.num_samples", "train.sample_temperature", "train.checkpoint_every",
                 "train.keep_checkpoints", "train.resume_changed", "train.debug.", "data.workers",
-                "data.eval_batch_size", "data.path")
+                "data.eval_batch_size", "data.path", "train.fid_every", "train.fid_samples", "eval.")
 
 
 def _flatten(d: Any, prefix: str = "") -> dict:

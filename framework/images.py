@@ -10,6 +10,11 @@ import torch
 from PIL import Image
 
 
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Floats in [0, 1] -> uint8 as a saved PNG holds them: round(255 x), clamped (x 255 + 0.5, floored)."""
+    return (images.detach().float().clamp(0, 1) * 255 + 0.5).to(torch.uint8)
+
+
 def make_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2) -> np.ndarray:
     """(N, C, H, W) floats in [0, 1] -> (H', W', 3) uint8 grid with `pad` pixels of gap."""
     x = images.detach().float().clamp(0, 1).cpu()
@@ -22,7 +27,7 @@ def make_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2) -> np
     for i in range(n):
         r, q = divmod(i, nrow)
         grid[:, pad + r * (h + pad):pad + r * (h + pad) + h, pad + q * (w + pad):pad + q * (w + pad) + w] = x[i]
-    return (grid.permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
+    return to_uint8(grid.permute(1, 2, 0)).numpy()
 
 
 def save_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | None = None) -> np.ndarray:

@@ -182,6 +182,13 @@ class Trainer:
         self.consecutive_skips = 0
         self.stop = _StopSignal()
         self._vis_batch = None
+        self.fid_net, self._fid_ref = None, None
+        if r.train.fid_every:  # checked before anything is written: the family samples, the weights are there
+            from .eval.fid import InceptionFeatures
+            from .task import require
+
+            require(self.task, Samples, "key 'train.fid_every'")
+            self.fid_net = InceptionFeatures(r.eval.inception_weights, self.device)
 
     # -- pieces of a step -------------------------------------------------------------------
     def _ctx(self, step: int, micro: int, batch_size: int | None = None, stream: str = "", phase: str = "train",
@@ -305,6 +312,40 @@ class Trainer:
         finally:
             self._eval_mode(False)
         return paths
+
+    @torch.no_grad()
+    def fid(self) -> dict[str, float]:
+        """val/fid: train.fid_samples samples (EMA weights when kept) against the validation split
+        (a prior: its first stage's images), the statistics of the split cached beside the .beton."""
+        import contextlib
+
+        from .data.loader import BetonInfo
+        from .eval.fid import frechet_distance, reference_stats, sample_features, stats_of
+
+        r, task = self.recipe, self.task
+        first = getattr(task, "first", None)
+        d = first.recipe.data if first is not None else r.data
+        bs = r.data.eval_batch_size or r.data.batch_size
+        if self._fid_ref is None:
+            self._fid_ref, _ = reference_stats(BetonInfo(d.path), "val", self.fid_net, self.env, d.channels, bs,
+                                               r.data.workers, progress=False)
+
+        def draw(b, g):
+            ctx = self._ctx(self.step, 0, batch_size=b, phase="sample", rows=list(range(b)))
+            return task.sample(b, r.train.sample_temperature, g, ctx)
+
+        self._eval_mode(True)
+        try:
+            with self.ema.swapped() if self.ema is not None else contextlib.nullcontext():
+                fake, _ = sample_features(r.train.fid_samples, draw, self.fid_net, self.env, bs, r.run.seed,
+                                          progress=False, lockstep=True)
+        finally:
+            self._eval_mode(False)
+        value = None
+        if self.env.is_main:
+            s = stats_of(fake)
+            value = frechet_distance(s.mu, s.sigma, self._fid_ref.mu, self._fid_ref.sigma)
+        return {"val/fid": float(dist.broadcast_object(value))}
 
     def fingerprint(self) -> dict:
         r = self.recipe
@@ -509,6 +550,8 @@ class Trainer:
                     val = self.evaluate()
                     if val:
                         self.log.log({"step": self.step, **val})
+                if r.fid_every and self.step % r.fid_every == 0:
+                    self.log.log({"step": self.step, **self.fid()})
                 if (r.sample_every and self.step % r.sample_every == 0) or last:
                     self.sample_grid()
                 if self._any_stop():

@@ -132,3 +132,22 @@ def assert_same_losses(ref: Path, got: Path, keys, tol: float = 1e-5) -> None:
 @pytest.fixture
 def run_dir(tmp_path) -> Path:
     return tmp_path / "run"
+
+
+def mnist300_beton(path: Path, val_every: int = 0) -> Path:
+    """300 of the bundled digits (every class: they are sorted by label), at 32 px, raw; their own
+    split, or every val_every-th one validation."""
+    import numpy as np
+
+    from framework.data import sources
+    from framework.data.write import write_beton
+
+    src = sources.mnist5k(0.1)
+    keep = np.arange(0, 5000, 16)[:300]
+    splits = src.splits[keep]
+    if val_every:
+        splits = np.zeros(300, np.int64)
+        splits[::val_every] = 1
+    write_beton(sources.Source("mnist300", src.labels[keep], splits, arrays=src.arrays[keep]), path, 32, "raw",
+                progress=False)
+    return path

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, TINY_VAE, TINY_VQ, VAE, VQGAN, env, free_port, run_train
+from conftest import REPO, TINY_VAE, TINY_VQ, VAE, VQGAN, env, free_port, mnist300_beton, run_train
 
 pytestmark = pytest.mark.slow  # real training runs and tools in real processes
 
@@ -28,15 +28,7 @@ def tool(name: str, *args: str, nproc: int = 1, check: bool = True, quiet: bool 
 @pytest.fixture(scope="module")
 def small_beton(tmp_path_factory):
     """300 of the bundled digits (a quick file to encode twice)."""
-    from framework.data import sources
-    from framework.data.write import write_beton
-
-    src = sources.mnist5k(0.1)
-    keep = np.arange(0, 5000, 16)[:300]  # every class (the digits are sorted by label)
-    small = sources.Source("mnist300", src.labels[keep], src.splits[keep], arrays=src.arrays[keep])
-    path = tmp_path_factory.mktemp("data") / "mnist300.beton"
-    write_beton(small, path, 32, "raw", progress=False)
-    return path
+    return mnist300_beton(tmp_path_factory.mktemp("data") / "mnist300.beton")
 
 
 @pytest.fixture(scope="module")
