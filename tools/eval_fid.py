@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from framework.errors import run_cli  # noqa: E402
+from framework.errors import UserError, run_cli  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -57,6 +57,8 @@ def main(argv=None) -> int:
                                     format_report, inception_setting)
 
     metrics = check_metrics(a.metrics)
+    if a.path.endswith((".yaml", ".yml")) and not a.out:
+        raise UserError(f"{a.path}: a recipe (random weights, for timing) needs --out FILE.json")
     loaded = load(a.path, ema=not a.no_ema)
     weights = a.inception_weights if a.inception_weights is not None else loaded.recipe.eval.inception_weights
     inception_setting(weights)  # a missing file: one line, before any sampling

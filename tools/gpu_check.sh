@@ -19,6 +19,9 @@
 #   prior        the vqgan block's codes (encode_codes.py on CUDA), then a tiny GPT prior on nccl, bf16,
 #                ZeRO-3, checkpointed blocks (xformers' kernel when installed): finite, below uniform
 #   prior-sample tools/profile_sampling.py on CUDA: the 12-layer / 512 GPT, cached vs uncached (tokens/s)
+#   fid          tools/eval_fid.py on CUDA: the train-1 NVAE, 512 samples against the 500 validation
+#                digits (the real Inception when its file is in the torch hub cache, else random
+#                weights), then the same with the reference cached (FID, images/s)
 #   profile      tools/profile_sampling.py on CUDA: celebahq256 at random weights, plain vs fast path
 #   noise        one training step's latent noise for celebahq256 (batch 4) drawn on the GPU (ms)
 #   xformers     memory-efficient attention on CUDA, when xformers is installed
@@ -163,6 +166,20 @@ same=min(r['same_tokens_cached_vs_uncached'].values())
 print(f\"b1 {t[('cached',1)]:.0f} tok/s ({r['speedup_cached_vs_uncached']['1']:.1f}x), b8 {t[('cached',8)]:.0f}, same {same:.2f}\")")
   line prior-sample "$fig" PASS
 else line prior-sample "$(tail -1 "$OUT/prior-sample.log" | cut -c1-58)" FAIL; fi
+
+# -- fid -------------------------------------------------------------------------------------------
+INC=$($PY -c "from framework.eval.fid import default_inception_path as p; print(p() if p().is_file() else 'random')")
+if [ -d "$R1/checkpoints" ] && timeout 300 $PY tools/eval_fid.py "$R1" --num-samples 512 --split val \
+     --inception-weights "$INC" --no-progress --out "$OUT/fid1.json" >"$OUT/fid.log" 2>&1 \
+   && timeout 200 $PY tools/eval_fid.py "$R1" --num-samples 512 --split val --inception-weights "$INC" \
+     --no-progress --out "$OUT/fid2.json" >>"$OUT/fid.log" 2>&1; then
+  fig=$($PY -c "
+import json; a=json.load(open('$OUT/fid1.json')); b=json.load(open('$OUT/fid2.json'))
+ok = b['reference_cache']['cached'] and abs(a['fid'] - b['fid']) <= 1e-6 * max(1, a['fid'])
+print(f\"FID {a['fid']:.2f} ({'random w' if a['inception_weights'] == 'random' else 'Inception'}), {512 / b['seconds']:.0f} img/s cached\")
+import sys; sys.exit(0 if ok else 1)") && st=PASS || st=FAIL
+  line fid "$fig" "$st"
+else line fid "$(tail -1 "$OUT/fid.log" 2>/dev/null | cut -c1-58)" FAIL; fi
 
 # -- profile ---------------------------------------------------------------------------------------
 if timeout 200 $PY tools/profile_sampling.py recipes/nvae/celebahq256.yaml --batch-sizes 1,8 --repeats 3 \

@@ -8,9 +8,15 @@ framework.data.order: FFCV is told exactly which ids to read and in which order,
 starting mid-epoch when a run resumes. A .beton is checked when it is opened: its header's
 sizes against the file, and an allocation-table entry for every stored item (a file cut short
 loses its table, and FFCV would read the lost items back as zeros).
+
+FFCV sets torch's intra-op thread count to its own: to 1 when it is imported, to `workers` when a
+loader is built and at the start of every epoch. Every call into it here keeps the count the
+process had (torch's default, OMP_NUM_THREADS, or torch.set_num_threads), so the model's CPU work
+runs on the threads it was given and not on the loader's setting.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +26,18 @@ from ..errors import UserError
 from .order import EvalShard, GlobalOrder
 
 SPLITS = {"train": 0, "val": 1}
+
+
+@contextmanager
+def torch_threads_kept():
+    """Restores torch's intra-op thread count after FFCV has set its own."""
+    n = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != n:
+            torch.set_num_threads(n)
+
 VIRTUAL = ("index",)  # fields every batch can have without storing them
 
 
@@ -39,7 +57,8 @@ class BetonInfo:
     """What a .beton holds: per image its size, storage mode, label and split."""
 
     def __init__(self, path):
-        from ffcv.reader import Reader
+        with torch_threads_kept():
+            from ffcv.reader import Reader
 
         self.path = Path(path)
         if not self.path.is_file():
@@ -182,9 +201,10 @@ def _ffcv_loader(info: BetonInfo, batch: int, workers: int, first_order: np.ndar
 
     stored = [n for n in info.field_names if n in fields]
     pipelines = {n: (_pipeline(info, n) if n in stored else None) for n in info.field_names}
-    loader = Loader(str(info.path), batch_size=batch, num_workers=max(1, workers), order=OrderOption.SEQUENTIAL,
-                    indices=first_order.astype(np.uint64), os_cache=True, drop_last=drop_last,
-                    pipelines=pipelines, batches_ahead=2)
+    with torch_threads_kept():
+        loader = Loader(str(info.path), batch_size=batch, num_workers=max(1, workers),
+                        order=OrderOption.SEQUENTIAL, indices=first_order.astype(np.uint64), os_cache=True,
+                        drop_last=drop_last, pipelines=pipelines, batches_ahead=2)
     return loader, stored
 
 
@@ -221,7 +241,8 @@ class TrainLoader:
         epoch, k = divmod(step, self.steps_per_epoch)
         self._plan.epoch_start = {epoch: k}
         self._ffcv.next_epoch = epoch
-        self._it = iter(self._ffcv)
+        with torch_threads_kept():
+            self._it = iter(self._ffcv)
 
     def _flips(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.order.seed, epoch, 0xF11B]).random(self.info.num_images) < 0.5
@@ -266,5 +287,7 @@ class EvalLoader:
             return
         self._ffcv.next_epoch = 0
         b = self.batch_size
-        for j, (outputs, n) in enumerate(zip(self._ffcv, self.shard.valid_counts())):
+        with torch_threads_kept():
+            it = iter(self._ffcv)
+        for j, (outputs, n) in enumerate(zip(it, self.shard.valid_counts())):
             yield _as_batch(self._stored, outputs, self.order[j * b:(j + 1) * b], self.fields, self.channels), n
