@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import (MNIST_BETON, REPO, VQGAN, assert_same_losses, env, kill9, metrics, run_train, start_train,
-                      wait_for)
+from conftest import (MNIST_BETON, REPO, VQGAN, assert_same_losses, digit_classifier, env, kill9, metrics,
+                      mnist300_beton, run_train, start_train, wait_for)
 
 pytestmark = pytest.mark.slow  # real training runs and tools in real processes: minutes
 
@@ -92,34 +92,6 @@ def test_killed_run_resumes_exactly(stage1, reference, run_dir):
     assert_same(reference["gpt"], run_dir, tol=0)  # bit-identical: dropout, label dropout and flips included
 
 
-def digit_classifier(seed: int = 0, epochs: int = 3):
-    """A small CNN trained here on the bundled digits' training split (32 px, [0, 1]); -> (net, val accuracy)."""
-    from torch import nn
-    from torch.nn import functional as F
-
-    from framework.data import sources
-
-    torch.manual_seed(seed)
-    src = sources.mnist5k(0.1)
-    x = torch.from_numpy(np.stack([src.load(i, 32)[..., 0] for i in range(len(src))])).float().div(255).unsqueeze(1)
-    y = torch.from_numpy(np.asarray(src.labels)).long()
-    tr, va = torch.from_numpy(np.flatnonzero(src.splits == 0)), torch.from_numpy(np.flatnonzero(src.splits == 1))
-    net = nn.Sequential(nn.Conv2d(1, 16, 3, 2, 1), nn.ReLU(), nn.Conv2d(16, 32, 3, 2, 1), nn.ReLU(),
-                        nn.Conv2d(32, 64, 3, 2, 1), nn.ReLU(), nn.Flatten(), nn.Linear(64 * 16, 10))
-    opt = torch.optim.Adam(net.parameters(), 2e-3)
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        for b in torch.randperm(len(tr), generator=g).split(64):
-            i = tr[b]
-            loss = F.cross_entropy(net(x[i]), y[i])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    net.eval()
-    with torch.no_grad():
-        return net, float((net(x[va]).argmax(1) == y[va]).float().mean())
-
-
 def test_smoke_prior_learns_and_its_samples_have_their_class(stage1, tmp_path):
     vq, codes = stage1
     d = tmp_path / "smoke"
@@ -169,6 +141,14 @@ def test_smoke_prior_learns_and_its_samples_have_their_class(stage1, tmp_path):
     rep = json.loads(p.stdout.strip().splitlines()[-1])
     assert rep["same_tokens_cached_vs_uncached"] == {"2": 1.0} and rep["decode"]
     assert {r["path"] for r in rep["results"]} == {"cached", "uncached"}
+
+    # eval_fid scores decoded samples against the first stage's images (here a 300-digit file of the
+    # same shape, random Inception weights: the figure is not FID)
+    small = mnist300_beton(tmp_path / "mnist300.beton")
+    tool("eval_fid.py", str(d), "--num-samples", "12", "--batch-size", "6", "--split", "val", "--metrics", "fid",
+         "--inception-weights", "random", "--data", str(small), "--out", str(tmp_path / "fid.json"), "--no-progress")
+    r = json.loads((tmp_path / "fid.json").read_text())
+    assert r["family"] == "prior" and r["n"] == 12 and r["fid"] > 0 and "NOT FID" in r["features"]
 
 
 def test_bf16_zero3_with_checkpointed_blocks_trains(stage1, tmp_path):

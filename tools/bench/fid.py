@@ -10,12 +10,13 @@ tools/eval_fid.py, each against torch-fidelity's own way of doing it in the same
                its share of time sampling / extracting features / computing the metrics, vs the
                route it replaces: sampling the same N images to PNG files, then
                torch_fidelity.calculate_metrics(fid, kid, prc) on the folder against its cached
-               statistics of the same reference images
+               statistics of the same reference images, in a fresh process as its command line
+               runs (both contenders pay process start-up and the first batch's kernel set-up)
 
 The Inception runs with seeded random weights (the same work as the real ones; no weights ship
 here). One JSON object on the last line.
 
-    python tools/bench/fid.py [--n 256] [--batch-size 64] [--recipe recipes/vae/mnist5k.yaml]
+    python tools/bench/fid.py [--n 512] [--batch-size 64] [--recipe recipes/vae/mnist5k.yaml]
 """
 from __future__ import annotations
 
@@ -48,7 +49,7 @@ def png_folder(images, folder: Path) -> list[Path]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--n", type=int, default=256)
+    p.add_argument("--n", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--recipe", default=str(ROOT / "recipes" / "vae" / "mnist5k.yaml"))
     p.add_argument("--split", default="val")
@@ -68,7 +69,22 @@ def main(argv=None) -> int:
     weights = write_random_inception_weights(work / "random-inception.pth")
     net = InceptionFeatures(str(weights))
     loaded = load(a.recipe)
-    info = BetonInfo(loaded.recipe.data.path)
+    import shutil
+
+    beton = work / Path(loaded.recipe.data.path).name  # a copy: no reference cache beside it yet
+    shutil.copyfile(loaded.recipe.data.path, beton)
+    info = BetonInfo(beton)
+    ids = split_ids(info, a.split)
+    ref_env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(os.cpu_count())))
+    tool = [sys.executable, str(ROOT / "tools" / "eval_fid.py"), a.recipe, "--num-samples", str(a.n),
+            "--batch-size", str(a.batch_size), "--split", a.split, "--inception-weights", str(weights),
+            "--no-progress", "--data", str(info.path)]
+    # the whole tool: first with the reference statistics to compute, then cached
+    cache_first = json.loads(_run(tool + ["--out", str(work / "first.json")], ref_env, work / "first.json"))
+    t0 = time.perf_counter()
+    ours = json.loads(_run(tool + ["--out", str(work / "second.json")], ref_env, work / "second.json"))
+    ours_tool = time.perf_counter() - t0
+    assert ours["reference_cache"]["cached"] and not cache_first["reference_cache"]["cached"]
     draw = lambda b, g: loaded.task.sample(b, 1.0, g, loaded.ctx(b))  # noqa: E731
 
     # the same n samples, as tensors and as PNG files
@@ -93,13 +109,7 @@ def main(argv=None) -> int:
     theirs_feat = time.perf_counter() - t0
     assert theirs["2048"].shape == (a.n, 2048)
 
-    # the reference statistics: our first (uncached) computation, and torch-fidelity's cache of them
-    ids = split_ids(info, a.split)
-    ref_env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(os.cpu_count())))
-    tool = [sys.executable, str(ROOT / "tools" / "eval_fid.py"), a.recipe, "--num-samples", str(a.n),
-            "--batch-size", str(a.batch_size), "--split", a.split, "--inception-weights", str(weights),
-            "--no-progress", "--data", str(info.path)]
-    cache_first = json.loads(_run(tool + ["--out", str(work / "first.json")], ref_env, work / "first.json"))
+    # torch-fidelity's route: the reference images as PNG files, their statistics in its cache
     ref_folder = work / "reference"
     from framework.data.loader import EvalLoader
     from framework.data.order import EvalShard
@@ -110,19 +120,19 @@ def main(argv=None) -> int:
               fid=True, kid=True, prc=True, kid_subset_size=min(1000, a.n, len(ids)),
               feature_extractor="inception-v3-compat", feature_extractor_weights_path=str(weights), cuda=False,
               verbose=False, batch_size=a.batch_size)
-    tf.calculate_metrics(input1=str(work / "samples"), **kw)  # fills torch-fidelity's cache of input2
+    kw["input1"] = str(work / "samples")
+    baseline = [sys.executable, "-c", BASELINE, json.dumps(kw)]
+    _run(baseline, ref_env)  # fills torch-fidelity's cache of input2
 
-    # the whole tool (reference cached) vs sampling to PNG + torch-fidelity on the folder (cached)
+    # sampling to PNG + torch-fidelity on the folder (its reference cached), against the tool above
     t0 = time.perf_counter()
-    ours = json.loads(_run(tool + ["--out", str(work / "second.json")], ref_env, work / "second.json"))
-    ours_tool = time.perf_counter() - t0
-    assert ours["reference_cache"]["cached"]
-    t0 = time.perf_counter()
-    tf.calculate_metrics(input1=str(work / "samples"), **kw)
+    theirs_figures = json.loads(_run(baseline, ref_env).strip().splitlines()[-1])
     theirs_metrics = time.perf_counter() - t0
+    assert "frechet_inception_distance" in theirs_figures
     theirs_tool = t_draw + t_png + theirs_metrics
 
     inner = ours["timing"]
+    shutil.rmtree(work, ignore_errors=True)
     busy = inner["sampling_s"] + inner["features_s"] + inner["metrics_s"]
     out = {
         "settings": {"n": a.n, "batch_size": a.batch_size, "recipe": a.recipe, "reference": f"{info.path} {a.split} "
@@ -138,18 +148,24 @@ def main(argv=None) -> int:
                  "baseline_parts_s": {"sample": t_draw, "write_png": t_png, "torch_fidelity": theirs_metrics},
                  "speedup": theirs_tool / ours_tool},
         "reference_first_time": {"images": len(ids), "seconds": cache_first["timing"]["reference_s"],
-                                 "images_per_s": len(ids) / cache_first["timing"]["reference_s"],
-                                 "was_cached": cache_first["reference_cache"]["cached"]},
+                                 "images_per_s": len(ids) / cache_first["timing"]["reference_s"]},
+        "tool_features_images_per_s": a.n / inner["features_s"],
     }
     print(json.dumps(out))
     return 0
 
 
-def _run(cmd, env, out: Path) -> str:
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
+# torch-fidelity's calculate_metrics in a fresh process, as its own command line would run it (that
+# command cannot import here: beside the CPU torch, import_torch_fidelity's workaround is needed)
+BASELINE = ("import json, sys; from framework.eval.fid import import_torch_fidelity; "
+            "print(json.dumps(import_torch_fidelity().calculate_metrics(**json.loads(sys.argv[1]))))")
+
+
+def _run(cmd, env, out: Path | None = None) -> str:
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     if p.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{p.stderr[-2000:]}")
-    return out.read_text()
+        raise SystemExit(f"{' '.join(cmd[:3])} failed:\n{p.stderr[-2000:]}")
+    return out.read_text() if out is not None else p.stdout
 
 
 if __name__ == "__main__":
