@@ -104,6 +104,7 @@ bench: setup data/mnist5k.beton
 	$(PY) tools/bench/noise.py
 	$(PY) tools/bench/vqgan_step.py
 	$(PY) tools/bench/prior_sampling.py
+	$(PY) tools/bench/fid.py
 
 clean-runs:
 	rm -rf runs

@@ -550,8 +550,9 @@ def format_report(r: dict) -> str:
             f"{'recalibrated' if r['bn_recalibrated'] else 'training statistics'} | reference "
             f"{'cached' if r['reference_cache']['cached'] else 'computed'} | {r['seconds']:.1f} s")
     rows = []
+    stand_in = "   (random Inception weights: not FID)" if "NOT FID" in r["features"] else ""
     if "fid" in r:
-        rows.append(f"{'rFID' if r['recon'] else 'FID'}        {r['fid']:.4f}")
+        rows.append(f"{'rFID' if r['recon'] else 'FID'}        {r['fid']:.4f}{stand_in}")
     if "kid" in r:
         rows.append(f"KID        {r['kid']:.6f} +- {r['kid_std']:.6f} ({r['kid_subsets']} subsets of "
                     f"{r['kid_subset_size']})")
