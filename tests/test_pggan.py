@@ -1,15 +1,20 @@
-"""PGGAN's networks (issue 14, first part): the official G_paper / D_paper parameter counts and
+"""PGGAN's parts (issue 14, in progress): the official G_paper / D_paper parameter counts and
 channel table, the equalised learning rate, pixel norm, minibatch stddev against a direct
-computation, and the fade-in at alpha = 0 and 1."""
+computation, the fade-in at alpha = 0 and 1, the official schedule (images shown -> resolution,
+alpha, batch, learning rate, optimiser resets), and WGAN-GP against a brute-force Jacobian and
+finite differences through the double backward."""
 import math
 
 import pytest
 import torch
 from torch.nn import functional as F
 
+from framework.errors import UserError
+from framework.models.pggan.loss import d_loss, g_loss, gradient_norms
 from framework.models.pggan.networks import (Discriminator, EqualizedConv2d, Generator, channel_table,
                                              downscale2d, minibatch_stddev, parameter_count, pixel_norm,
                                              upscale2d)
+from framework.models.pggan.schedule import Schedule, ScheduleConfig
 
 
 def official_counts(resolution: int, channels: int = 3) -> tuple[int, int]:
@@ -109,3 +114,91 @@ def test_bad_shapes_are_refused():
         Generator(100)
     with pytest.raises(ValueError, match="16 px at level 3"):
         Discriminator(32)(torch.randn(4, 3, 16, 16), 3)
+
+
+# -- the schedule -----------------------------------------------------------------------------------
+
+def test_the_schedule_grows_and_fades_as_the_official_one():
+    s = Schedule(ScheduleConfig(phase_images=100, fade_images=100, batch=4, minibatch_repeats=1), 32)
+    # (images shown, level, alpha): 4 px stable, the fade into 8 px, 8 px stable, ..., 32 px from 600 on
+    for images, level, alpha in ((0, 2, 1.0), (99, 2, 1.0), (100, 2, 1.0), (101, 3, 0.01), (150, 3, 0.5),
+                                 (200, 3, 1.0), (350, 4, 0.5), (599, 5, 0.99), (600, 5, 1.0), (10_000, 5, 1.0)):
+        p = s.at_images(images)
+        assert (p.level, p.resolution) == (level, 2 ** level) and p.alpha == pytest.approx(alpha), images
+    assert s.at_images(100).lod == 3.0 and s.at_images(101).lod == pytest.approx(2.99)  # the fade begins after 100
+
+
+def test_alpha_moves_every_minibatch_repeats_steps_and_the_optimisers_reset_at_each_integer_lod():
+    cfg = ScheduleConfig(phase_images=64, fade_images=64, batch=8, minibatch_repeats=4)
+    s = Schedule(cfg, 16)
+    plan = s.plan(60)
+    assert [p.images for p in plan[:3]] == [0, 8, 16]
+    for k in range(0, 60, 4):  # constant within each group of 4 steps
+        assert len({(p.level, p.alpha) for p in plan[k:k + 4]}) == 1
+    resets = [i for i in range(1, 60) if Schedule.resets(plan[i - 1], plan[i])]
+    # lod 2 until 64 images (step 8); the fade to 8 px until 128 (step 16), 8 px stable, fade to 16 px
+    # from 192 (step 24) to 256 (step 32), then 16 px
+    assert resets == [12, 16, 28, 32]  # the first group past each fade start (images 64 -> step 8 shows
+    assert plan[-1].level == 4 and plan[-1].alpha == 1.0  # lod 2.0 still), and each fade's end
+    assert s.steps_for(256) == 32
+
+
+def test_per_resolution_batches_and_learning_rates():
+    cfg = ScheduleConfig(phase_images=50, fade_images=50, batch=16, batch_per_resolution={"8": 12, 16: 7},
+                         lr_g_per_resolution={16: 0.002}, minibatch_repeats=1)
+    s = Schedule(cfg, 16, world=2)
+    assert [s.at_images(n).batch for n in (0, 60, 250)] == [16, 12, 6]  # 7 rounded down to the 2 ranks
+    assert s.at_images(250).lr_g == 0.002 and s.at_images(250).lr_d == 0.001
+
+
+@pytest.mark.parametrize("kw,target,message", [
+    ({}, 48, "not a power of two >= 8"), ({}, 4, "not a power of two >= 8"),
+    ({"phase_images": 0, "fade_images": 0}, 32, "not both 0"), ({"initial_resolution": 64}, 32, "initial resolution"),
+    ({"batch": 1}, 32, "fewer than the 2 ranks")])
+def test_bad_schedules_are_one_line(kw, target, message):
+    with pytest.raises(UserError, match=message):
+        Schedule(ScheduleConfig(**kw), target, world=2)
+
+
+# -- WGAN-GP ----------------------------------------------------------------------------------------
+
+def tiny_d():
+    torch.manual_seed(3)
+    return Discriminator(8, channels=1, fmap_base=64, fmap_max=8).double()
+
+
+def test_the_gradient_penalty_equals_a_brute_force_jacobian():
+    d = tiny_d()
+    mixed = torch.randn(4, 1, 8, 8, dtype=torch.float64)
+    jac = torch.autograd.functional.jacobian(lambda x: d(x, 3, 0.7), mixed)  # (4 scores, 4, 1, 8, 8)
+    want = jac.sum(0).flatten(1).norm(dim=1)  # the gradient of the sum: the groups couple the samples
+    torch.testing.assert_close(gradient_norms(d, mixed, 3, 0.7).double(), want, rtol=1e-6, atol=1e-9)
+    assert (jac[0, 1].abs().sum() > 0)  # minibatch stddev: sample 1 enters sample 0's score
+
+
+def test_the_discriminator_loss_and_its_double_backward_match_finite_differences():
+    d = tiny_d()
+    real, fake = torch.randn(4, 1, 8, 8, dtype=torch.float64), torch.randn(4, 1, 8, 8, dtype=torch.float64)
+    u = torch.rand(4, dtype=torch.float64)
+    loss, terms = d_loss(d, real, fake, u, 3, 1.0)
+    with torch.no_grad():
+        rs, fs = d(real, 3, 1.0), d(fake, 3, 1.0)
+    mixed = real + (fake - real) * u.view(-1, 1, 1, 1)
+    gp = (gradient_norms(d, mixed, 3, 1.0, create_graph=False).double() - 1) ** 2
+    torch.testing.assert_close(loss.double(), (fs - rs + 10 * gp + 0.001 * rs ** 2).mean(), rtol=1e-6, atol=1e-9)
+    assert float(terms["w_distance"]) == pytest.approx(float((rs - fs).mean()), rel=1e-6)
+    loss.backward()
+    w = d.blocks["8x8"]["Conv0"].weight
+    for idx in ((0, 0, 1, 1), (3, 2, 0, 2)):
+        analytic = float(w.grad[idx])
+        h = 1e-6  # float64; small enough that no leaky ReLU changes side
+        vals = []
+        for sign in (1, -1):
+            with torch.no_grad():
+                w[idx] += sign * h
+            vals.append(float(d_loss(d, real, fake, u, 3, 1.0)[0].detach()))
+            with torch.no_grad():
+                w[idx] -= sign * h
+        assert analytic == pytest.approx((vals[0] - vals[1]) / (2 * h), rel=1e-4, abs=1e-7)
+    g, _ = g_loss(d, fake, 3, 1.0)
+    assert float(g.detach()) == pytest.approx(-float(fs.mean()), rel=1e-9)

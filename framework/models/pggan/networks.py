@@ -48,7 +48,7 @@ def minibatch_stddev(x: torch.Tensor, group_size: int = 4) -> torch.Tensor:
     g = min(group_size, n)
     if n % g:
         raise ValueError(f"minibatch stddev: a batch of {n} is not a multiple of the group size {g}")
-    y = x.float().reshape(g, -1, c, h, w)
+    y = (x if x.dtype == torch.float64 else x.float()).reshape(g, -1, c, h, w)  # fp32 at least, as official
     y = (y - y.mean(dim=0, keepdim=True)).pow(2).mean(dim=0)
     y = torch.sqrt(y + 1e-8).mean(dim=(1, 2, 3), keepdim=True).to(x.dtype)  # (M, 1, 1, 1)
     return torch.cat([x, y.repeat(g, 1, h, w)], dim=1)

@@ -1,0 +1,130 @@
+"""PGGAN's training schedule, counted in real images shown, as the official `TrainingSchedule`
+(train.py): `phase_images` at a resolution, then `fade_images` fading in the next one, from
+`initial_resolution` up to the target; per-resolution (global) batch sizes and learning rates;
+re-evaluated every `minibatch_repeats` steps (the official loop: 4 minibatches, then the schedule
+again), so alpha moves in steps of 4 minibatches; the optimisers' state is reset whenever the
+level of detail crosses an integer (the start and the end of each fade: the official
+`reset_opt_for_new_lod`).
+
+    lod       = log2(target) - log2(initial) - phase - max(images in phase - phase_images, 0) / fade_images,
+                clipped at 0 (phase = floor(images / (phase_images + fade_images)))
+    level     = log2(target) - floor(lod)     (the networks run at 2^level pixels)
+    alpha     = 1 - (lod - floor(lod))        (the newest block's weight in the fade)
+
+One step here is one discriminator update and one generator update on one minibatch (the
+official D_repeats = 1), and shows `batch` real images.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from ...errors import UserError
+
+
+@dataclass
+class ScheduleConfig:
+    initial_resolution: int = 4
+    phase_images: int = 600_000  # lod_training_kimg x 1000: images at a resolution
+    fade_images: int = 600_000  # lod_transition_kimg x 1000: images fading in the next
+    batch: int = 16  # global minibatch (minibatch_base)
+    batch_per_resolution: dict = field(default_factory=dict)  # resolution -> global minibatch (minibatch_dict)
+    lr: float = 0.001  # G_lrate_base = D_lrate_base
+    lr_g_per_resolution: dict = field(default_factory=dict)
+    lr_d_per_resolution: dict = field(default_factory=dict)
+    minibatch_repeats: int = 4
+
+
+@dataclass(frozen=True)
+class Phase:
+    images: int  # real images shown before this step
+    lod: float
+    level: int  # the networks run at 2^level pixels
+    alpha: float  # weight of the newest block (1: no fade)
+    batch: int  # global minibatch of this step
+    lr_g: float
+    lr_d: float
+
+    @property
+    def resolution(self) -> int:
+        return 2 ** self.level
+
+
+def _int_keys(d: dict, what: str) -> dict:
+    try:
+        return {int(k): v for k, v in dict(d).items()}
+    except (TypeError, ValueError):
+        raise UserError(f"key '{what}': keys must be resolutions (4, 8, …), got {list(dict(d))}") from None
+
+
+class Schedule:
+    def __init__(self, cfg: ScheduleConfig, target_resolution: int, world: int = 1):
+        top = int(math.log2(target_resolution)) if target_resolution > 0 else -1
+        if target_resolution < 8 or 2 ** top != target_resolution:
+            raise UserError(f"PGGAN: target resolution {target_resolution} is not a power of two >= 8")
+        first = int(math.log2(cfg.initial_resolution)) if cfg.initial_resolution > 0 else -1
+        if cfg.initial_resolution < 4 or 2 ** first != cfg.initial_resolution or cfg.initial_resolution > target_resolution:
+            raise UserError(f"PGGAN: initial resolution {cfg.initial_resolution} is not a power of two in "
+                            f"4..{target_resolution}")
+        if cfg.phase_images < 0 or cfg.fade_images < 0 or cfg.phase_images + cfg.fade_images == 0:
+            raise UserError(f"PGGAN: a schedule of {cfg.phase_images} + {cfg.fade_images} images per phase; "
+                            f"both must be >= 0 and not both 0")
+        if cfg.minibatch_repeats < 1:
+            raise UserError(f"PGGAN: minibatch_repeats is {cfg.minibatch_repeats}; it must be >= 1")
+        self.cfg, self.top, self.first, self.world = cfg, top, first, world
+        self.batches = _int_keys(cfg.batch_per_resolution, "schedule.batch_per_resolution")
+        self.lr_g = _int_keys(cfg.lr_g_per_resolution, "schedule.lr_g_per_resolution")
+        self.lr_d = _int_keys(cfg.lr_d_per_resolution, "schedule.lr_d_per_resolution")
+        for res in range(first, top + 1):
+            b = self.batch_of(2 ** res)
+            if b < world:
+                raise UserError(f"PGGAN: the minibatch at {2 ** res} px is {b}, fewer than the {world} ranks")
+
+    def batch_of(self, resolution: int) -> int:
+        b = int(self.batches.get(resolution, self.cfg.batch))
+        return b - b % self.world  # divisible by the ranks, as the official code divides by GPUs
+
+    def lod(self, images: int) -> float:
+        c = self.cfg
+        span = c.phase_images + c.fade_images
+        phase = images // span
+        into = images - phase * span
+        lod = (self.top - self.first) - phase
+        if c.fade_images > 0:
+            lod -= max(into - c.phase_images, 0) / c.fade_images
+        return max(float(lod), 0.0)
+
+    def at_images(self, images: int) -> Phase:
+        lod = self.lod(images)
+        level = self.top - math.floor(lod)
+        res = 2 ** level
+        return Phase(images, lod, level, 1.0 - (lod - math.floor(lod)), self.batch_of(res),
+                     float(self.lr_g.get(res, self.cfg.lr)), float(self.lr_d.get(res, self.cfg.lr)))
+
+    def plan(self, steps: int) -> list[Phase]:
+        """The phase of every step 0..steps-1: re-evaluated every minibatch_repeats steps."""
+        out, images, current = [], 0, None
+        for s in range(steps):
+            if s % self.cfg.minibatch_repeats == 0:
+                current = self.at_images(images)
+            out.append(Phase(images, current.lod, current.level, current.alpha, current.batch, current.lr_g,
+                             current.lr_d))
+            images += current.batch
+        return out
+
+    def steps_for(self, total_images: int) -> int:
+        """Steps until `total_images` real images have been shown (the official total_kimg)."""
+        images, s, current = 0, 0, None
+        while images < total_images:
+            if s % self.cfg.minibatch_repeats == 0:
+                current = self.at_images(images)
+            images += current.batch
+            s += 1
+        return s
+
+    @staticmethod
+    def resets(prev: Phase | None, cur: Phase) -> bool:
+        """The official reset_opt_for_new_lod: the level of detail crossed an integer."""
+        if prev is None:
+            return False
+        return (math.floor(cur.lod) != math.floor(prev.lod)) or (math.ceil(cur.lod) != math.ceil(prev.lod))
