@@ -148,6 +148,9 @@ def _changes(old: dict, new: dict) -> list[str]:
 class Trainer:
     def __init__(self, recipe):
         self.recipe = r = recipe
+        # a process group someone else started (a test's, a tool's) is theirs to end; one started
+        # here (DeepSpeed's, on any world size) is ended by close()
+        self._owns_group = not torch.distributed.is_initialized()
         self.env = env = dist.init()
         self.run_dir = Path(r.run.dir)
         self.device = env.device
@@ -579,7 +582,10 @@ class Trainer:
         an active exception", SIGABRT: seen in CI on 2 ranks under torchrun and on 1)."""
         self.train_data.close()
         dist.barrier()  # the group exists in a single process too (DeepSpeed's): ended the same way
-        dist.shutdown()
+        if self._owns_group:
+            # (ending an adopted group would break its owner: a later init_process_group over the
+            # same store reads the old group's keys and can hang, seen with torchrun)
+            dist.shutdown()
 
     def _any_stop(self) -> bool:
         """Whether any rank got a stop signal: a reduction, so that every rank takes the same branch

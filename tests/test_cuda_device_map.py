@@ -39,6 +39,8 @@ loaded = load(run_dir)
 rec = recalibrate(loaded, iters=2, batch_size=4, progress=False)
 bpd = evaluate_bpd(loaded, iw_samples=2, batch_size=100, progress=False)
 os.write(1, f"DONE {rc} {rec['layers_recalibrated']} {bpd['images']}\n".encode())
+td.barrier()  # the group is this script's (the trainer and the tools adopted it): ended here
+td.destroy_process_group()
 """
 
 
