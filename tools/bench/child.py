@@ -27,3 +27,28 @@ def run_child(cmd: list[str], limit_gib: float, timeout: int) -> dict:
         oom = "memory" in p.stderr.lower() or p.returncode in (-9, 137)
         return {"error": f"out of memory under the {limit_gib} GiB limit" if oom else tail[:300]}
     return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def timed_steps(step, steps: int, batch: int) -> dict:
+    """step(s) once untimed (the warm-up), then `steps` timed calls (synchronised on CUDA): the
+    median s/step, images/s at `batch`, and the process's peak memory (max allocated on CUDA, peak
+    RSS on the CPU)."""
+    import statistics
+    import time
+
+    import torch
+
+    cuda = torch.cuda.is_available()
+    times = []
+    for s in range(steps + 1):
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step(s)
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    sec = statistics.median(times[1:])
+    return {"sec_per_step": round(sec, 3), "images_per_sec": round(batch / sec, 4),
+            "peak_memory_gib": round(peak / 2**30, 2), "memory": "max allocated (CUDA)" if cuda else "peak RSS"}

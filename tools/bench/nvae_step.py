@@ -15,15 +15,12 @@ import argparse
 import json
 import os
 import platform
-import resource
-import statistics
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from child import run_child  # noqa: E402
+from child import run_child, timed_steps  # noqa: E402
 CASES = {"celebahq256": 1, "mnist": 16}
 
 
@@ -57,11 +54,7 @@ def child(recipe: str, batch: int, ckpt: str, steps: int, precision: str) -> dic
     x = (torch.randint(0, 2**d.num_bits, (batch, d.channels, d.resolution, d.resolution), generator=g).float()
          / (2**d.num_bits - 1) * 2 - 1).to(dev)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
-    times = []
-    for s in range(steps + 1):
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
+    def step(s):
         ctx = StepContext(step=s, micro=0, _engines={"nvae": _Eng()}, device=dev, dtype=torch.float32, rank=0,
                           world_size=1, batch_size=batch, grad_accum=1, seed=0)
         with torch.autocast(dev.type, dtype=dtype, enabled=precision != "fp32"):
@@ -69,14 +62,8 @@ def child(recipe: str, batch: int, ckpt: str, steps: int, precision: str) -> dic
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    sec = statistics.median(times[1:])
-    return {"sec_per_step": round(sec, 3), "images_per_sec": round(batch / sec, 3),
-            "peak_memory_gib": round(peak / 2**30, 2), "memory": "max allocated (CUDA)" if cuda else "peak RSS",
-            "parameters": sum(p.numel() for p in net.parameters())}
+
+    return {**timed_steps(step, steps, batch), "parameters": sum(p.numel() for p in net.parameters())}
 
 
 def run_case(recipe, batch, ckpt, steps, precision, limit_gib, timeout):

@@ -21,15 +21,12 @@ import argparse
 import json
 import os
 import platform
-import resource
-import statistics
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from child import run_child  # noqa: E402
+from child import run_child, timed_steps  # noqa: E402
 
 
 def child(resolution: int, batch: int, penalty: bool, steps: int) -> dict:
@@ -41,8 +38,7 @@ def child(resolution: int, batch: int, penalty: bool, steps: int) -> dict:
     from framework.models.pggan import Discriminator, Generator, d_loss, g_loss
     from framework.models.pggan.loss import _fp32
 
-    cuda = torch.cuda.is_available()
-    dev = torch.device("cuda" if cuda else "cpu")
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
     g, d = Generator(256).to(dev), Discriminator(256).to(dev)
     ema = [p.detach().clone() for p in g.parameters()]
@@ -74,19 +70,7 @@ def child(resolution: int, batch: int, penalty: bool, steps: int) -> dict:
             for s, p in zip(ema, g.parameters()):
                 s.lerp_(p, 1 - 0.999)
 
-    times = []
-    for _ in range(steps + 1):
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        step()
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    sec = statistics.median(times[1:])
-    return {"sec_per_step": round(sec, 3), "images_per_sec": round(batch / sec, 3),
-            "peak_memory_gib": round(peak / 2**30, 2), "memory": "max allocated (CUDA)" if cuda else "peak RSS"}
+    return timed_steps(lambda s: step(), steps, batch)
 
 
 def main() -> None:

@@ -25,15 +25,12 @@ import argparse
 import json
 import os
 import platform
-import resource
-import statistics
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from child import run_child  # noqa: E402
+from child import run_child, timed_steps  # noqa: E402
 
 
 def child(impl: str, batch: int, ckpt: str, steps: int) -> dict:
@@ -98,20 +95,7 @@ def child(impl: str, batch: int, ckpt: str, steps: int) -> dict:
         d_loss.backward()
         opt_d.step()
 
-    step = framework_step if impl == "framework" else taming_step
-    times = []
-    for s in range(steps + 1):
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        step(s)
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    sec = statistics.median(times[1:])
-    return {"sec_per_step": round(sec, 3), "images_per_sec": round(batch / sec, 4),
-            "peak_memory_gib": round(peak / 2**30, 2), "memory": "max allocated (CUDA)" if cuda else "peak RSS"}
+    return timed_steps(framework_step if impl == "framework" else taming_step, steps, batch)
 
 
 def run_case(impl, batch, ckpt, steps, limit_gib, timeout):
