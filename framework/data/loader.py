@@ -10,12 +10,16 @@ sizes against the file, and an allocation-table entry for every stored item (a f
 loses its table, and FFCV would read the lost items back as zeros).
 
 FFCV sets torch's intra-op thread count to its own: to 1 when it is imported, to `workers` when a
-loader is built and at the start of every epoch. Every call into it here keeps the count the
-process had (torch's default, OMP_NUM_THREADS, or torch.set_num_threads), so the model's CPU work
-runs on the threads it was given and not on the loader's setting.
+loader is built and at the start of every epoch (from its loader thread, concurrently with the
+main thread). `import_ffcv()` imports it keeping the process's count and turns its Compiler's
+thread setting into numba's alone, so the model's CPU work runs on the threads the process was
+given (torch's default, OMP_NUM_THREADS, torch.set_num_threads) and torch's thread pools are never
+resized from two threads at once.
 """
 from __future__ import annotations
 
+import atexit
+import weakref
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -38,6 +42,58 @@ def torch_threads_kept():
         if torch.get_num_threads() != n:
             torch.set_num_threads(n)
 
+
+def import_ffcv() -> None:
+    """Imports FFCV (its import sets torch's threads to 1: undone) and makes its Compiler set the
+    threads of its own numba kernels only. Call before any other use of ffcv."""
+    with torch_threads_kept():
+        from ffcv.pipeline.compiler import Compiler
+    if getattr(Compiler, "_torch_threads_left_alone", False):
+        return
+    import numba
+    from multiprocessing import cpu_count
+
+    def set_num_threads(cls, n):
+        n = n if n >= 1 else cpu_count()
+        cls.num_threads = n
+        numba.set_num_threads(n)
+
+    Compiler.set_num_threads = classmethod(set_num_threads)
+    Compiler._torch_threads_left_alone = True
+
+
+# FFCV reads each epoch in a daemon thread (its EpochIterator) that runs compiled numba kernels
+# into buffers it reuses. Its close() frees the buffers without stopping the thread, and an
+# iterator abandoned after a batch (the trainer's picture batch, a tool's first batch) keeps its
+# thread running: at interpreter exit the thread is torn down in the middle of native code and
+# the process aborts ("terminate called without an active exception", SIGABRT after a finished
+# run). Every epoch started here is stopped before its buffers go: on a restart, at the end or
+# abandonment of an evaluation pass, on close, and at exit for whatever is still running.
+_LIVE_EPOCHS: "weakref.WeakSet" = weakref.WeakSet()
+
+
+def _start_epoch(loader):
+    it = iter(loader)
+    _LIVE_EPOCHS.add(it)
+    return it
+
+
+def _stop_epoch(it) -> None:
+    """Stops an FFCV epoch's thread (it sees the request when its output queue is full, within
+    0.5 s), waits for it, then frees its buffers."""
+    it.terminate_event.set()
+    if it.is_alive():
+        it.join(timeout=120)
+    it.close()
+    _LIVE_EPOCHS.discard(it)
+
+
+@atexit.register
+def _stop_live_epochs() -> None:
+    for it in list(_LIVE_EPOCHS):
+        _stop_epoch(it)
+
+
 VIRTUAL = ("index",)  # fields every batch can have without storing them
 
 
@@ -57,8 +113,8 @@ class BetonInfo:
     """What a .beton holds: per image its size, storage mode, label and split."""
 
     def __init__(self, path):
-        with torch_threads_kept():
-            from ffcv.reader import Reader
+        import_ffcv()
+        from ffcv.reader import Reader
 
         self.path = Path(path)
         if not self.path.is_file():
@@ -197,14 +253,14 @@ def _pipeline(info: BetonInfo, name: str):
 
 def _ffcv_loader(info: BetonInfo, batch: int, workers: int, first_order: np.ndarray, drop_last: bool, fields):
     """-> (FFCV loader, the stored fields it yields, in the order it yields them)."""
+    import_ffcv()
     from ffcv.loader import Loader, OrderOption
 
     stored = [n for n in info.field_names if n in fields]
     pipelines = {n: (_pipeline(info, n) if n in stored else None) for n in info.field_names}
-    with torch_threads_kept():
-        loader = Loader(str(info.path), batch_size=batch, num_workers=max(1, workers),
-                        order=OrderOption.SEQUENTIAL, indices=first_order.astype(np.uint64), os_cache=True,
-                        drop_last=drop_last, pipelines=pipelines, batches_ahead=2)
+    loader = Loader(str(info.path), batch_size=batch, num_workers=max(1, workers), order=OrderOption.SEQUENTIAL,
+                    indices=first_order.astype(np.uint64), os_cache=True, drop_last=drop_last,
+                    pipelines=pipelines, batches_ahead=2)
     return loader, stored
 
 
@@ -237,12 +293,11 @@ class TrainLoader:
 
     def _restart(self, step: int) -> None:
         if self._it is not None:
-            self._it.close()
+            _stop_epoch(self._it)
         epoch, k = divmod(step, self.steps_per_epoch)
         self._plan.epoch_start = {epoch: k}
         self._ffcv.next_epoch = epoch
-        with torch_threads_kept():
-            self._it = iter(self._ffcv)
+        self._it = _start_epoch(self._ffcv)
 
     def _flips(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.order.seed, epoch, 0xF11B]).random(self.info.num_images) < 0.5
@@ -263,7 +318,7 @@ class TrainLoader:
 
     def close(self) -> None:
         if self._it is not None:
-            self._it.close()
+            _stop_epoch(self._it)
             self._it = None
 
 
@@ -287,7 +342,9 @@ class EvalLoader:
             return
         self._ffcv.next_epoch = 0
         b = self.batch_size
-        with torch_threads_kept():
-            it = iter(self._ffcv)
-        for j, (outputs, n) in enumerate(zip(it, self.shard.valid_counts())):
-            yield _as_batch(self._stored, outputs, self.order[j * b:(j + 1) * b], self.fields, self.channels), n
+        it = _start_epoch(self._ffcv)
+        try:
+            for j, (outputs, n) in enumerate(zip(it, self.shard.valid_counts())):
+                yield _as_batch(self._stored, outputs, self.order[j * b:(j + 1) * b], self.fields, self.channels), n
+        finally:  # exhausted, or abandoned (the generator closed): the thread stops either way
+            _stop_epoch(it)

@@ -90,6 +90,9 @@ def find_bad(source: Source, resolution: int, workers: int = 2, progress: bool =
 def write_beton(source: Source, path, resolution: int, mode: str = "jpg", quality: int = 90,
                 on_error: str = "fail", overwrite: bool = False, workers: int = 2,
                 progress: bool = True) -> Summary:
+    from .loader import import_ffcv
+
+    import_ffcv()
     import ffcv.writer
     from ffcv.fields import IntField, RGBImageField
     from tqdm import tqdm

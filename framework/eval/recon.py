@@ -175,6 +175,9 @@ def encode_codes(loaded: Loaded, data_path: str, out: str | os.PathLike, flip: b
 
 
 def _write_codes(out: Path, codes: np.ndarray, flipped, labels, splits, overwrite: bool) -> None:
+    from ..data.loader import import_ffcv
+
+    import_ffcv()
     import ffcv.writer
     from ffcv.fields import IntField, NDArrayField
 

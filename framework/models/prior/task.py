@@ -172,6 +172,9 @@ class Task(BaseTask):
     def check_codes(self, path: str | None = None) -> None:
         """The code .beton against the prior: its grid (the stored field) and vocabulary (the sidecar
         JSON tools/encode_codes.py writes beside it)."""
+        from ...data.loader import import_ffcv
+
+        import_ffcv()
         from ffcv.reader import Reader
 
         p = Path(path or self.recipe.data.path)
