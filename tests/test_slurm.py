@@ -1,6 +1,8 @@
 """SLURM (issue 7): the submitit launcher against a real Slurm cluster on 127.0.0.1
 (slurm/local_cluster.sh: slurmctld, 2 slurmd, munge, slurmdbd over MariaDB), started by the tests."""
 import os
+import random
+import socket
 import subprocess
 import sys
 import time
@@ -26,8 +28,26 @@ def cluster(cmd: str, e: dict, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", str(CLUSTER), cmd, *args], env=e, capture_output=True, text=True, timeout=900)
 
 
+_USED_BLOCKS: set[int] = set()
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
 def ports_base() -> int:
-    return 21000 + (free_port() % 20) * 100  # a private block of 40 ports
+    """A private block of 40 ports, 21000 + 100 k: one that no other cluster of this test session
+    has (the module's cluster is still up while a test starts its own) and whose ports are free."""
+    for k in random.Random(free_port()).sample(range(20), 20):
+        if k not in _USED_BLOCKS and all(_port_free(21000 + 100 * k + i) for i in range(40)):
+            _USED_BLOCKS.add(k)
+            return 21000 + 100 * k
+    raise RuntimeError("no free block of 40 ports in 21000..22999")
 
 
 @pytest.fixture(scope="module")
