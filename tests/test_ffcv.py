@@ -240,3 +240,23 @@ def test_a_beton_cut_short_is_refused(raw_beton, tmp_path):
         bad.write_bytes(data[:-cut])
         with pytest.raises(UserError, match="damaged .beton|not a readable"):
             BetonInfo(bad)
+
+
+def test_no_ffcv_epoch_thread_outlives_its_loader_and_torch_keeps_its_threads():
+    """An evaluation pass abandoned after one batch, and a training loader closed, leave no FFCV
+    epoch thread running (one torn down at exit aborted finished runs), and FFCV does not change
+    torch's intra-op thread count."""
+    import threading
+
+    from conftest import MNIST_BETON
+    from framework.data.loader import BetonInfo, EvalLoader, TrainLoader
+
+    before = torch.get_num_threads()
+    info = BetonInfo(MNIST_BETON)
+    first = next(iter(EvalLoader(info, EvalShard(info.ids("val"), 16, 1, 0), 1, 2)))
+    assert first[1] == 16
+    train = TrainLoader(info, GlobalOrder(info.ids("train"), 8, 1, 0), 1, 2)
+    train.batch(0)
+    train.close()
+    alive = [t for t in threading.enumerate() if type(t).__name__ == "EpochIterator" and t.is_alive()]
+    assert alive == [] and torch.get_num_threads() == before
