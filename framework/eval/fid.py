@@ -484,8 +484,7 @@ def evaluate_samples(loaded, net: FeatureNet, n: int = 50000, split: str = "trai
     size; computed on rank 0 and handed to every rank."""
     from ..data import to_model_input
     from ..data.loader import BetonInfo
-    from ..models import FAMILIES, family_module
-    from ..task import CodePrior, Codes, Samples, has
+    from ..task import CodePrior, Codes, Samples, has, require
 
     env, task = loaded.env, loaded.task
     # a prior's own data is the code .beton: its samples are scored against the first stage's images
@@ -498,11 +497,11 @@ def evaluate_samples(loaded, net: FeatureNet, n: int = 50000, split: str = "trai
     if recon and not has(task, Codes):
         raise UserError(f"{loaded.path}: --recon scores a stage-1 model's reconstructions; family "
                         f"{loaded.family!r} has no codes")
-    if not recon and not has(task, Samples):
-        able = [f for f in sorted(FAMILIES) if issubclass(family_module(f).Task, Samples)]
-        hint = " (--recon scores its reconstructions: rFID)" if has(task, Codes) else ""
-        raise UserError(f"{loaded.path}: family {loaded.family!r} cannot draw samples{hint}; families that can: "
-                        f"{', '.join(able)}")
+    if not recon and not has(task, Samples) and has(task, Codes):
+        raise UserError(f"{loaded.path}: family {loaded.family!r} cannot draw samples (--recon scores its "
+                        f"reconstructions: rFID)")
+    if not recon:
+        require(task, Samples, f"{loaded.path}: eval_fid.py")
     if float(temperature) <= 0:
         raise UserError(f"--temperature must be > 0, got {temperature:g}")
     info = BetonInfo(data_path or d.path)
