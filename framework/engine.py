@@ -132,8 +132,9 @@ class Engine:
     def __call__(self, *args, **kwargs):
         return self.ds(*args, **kwargs)
 
-    def set_lr(self, step: int) -> float:
-        lr = lr_at(step, self.cfg, self.total_steps)
+    def set_lr(self, step: int, lr: float | None = None) -> float:
+        """Sets the learning rate of `step`: `lr` when given, else the recipe's schedule."""
+        lr = lr_at(step, self.cfg, self.total_steps) if lr is None else float(lr)
         for g in self.ds.optimizer.param_groups:
             g["lr"] = lr
         return lr

@@ -190,6 +190,17 @@ class Task:
         also skips an engine before its `start_step`."""
         return True
 
+    def global_batches(self, steps: int):
+        """The global batch of every step 0..steps-1 when the family schedules it (PGGAN's minibatch
+        per resolution), each a multiple of world x grad_accum; None (default): data.batch_size per
+        rank at every step. StepContext.batch_size is then the step's micro-batch size."""
+        return None
+
+    def lr(self, name: str, step: int) -> float | None:
+        """Engine `name`'s learning rate at `step` when the family sets it (PGGAN's per resolution);
+        None (default): the recipe's optimizer.lr and schedule."""
+        return None
+
     def reset_optimizer(self, name: str, step: int) -> bool:
         """True to clear engine `name`'s optimizer state before `step` (PGGAN's new resolution)."""
         return False

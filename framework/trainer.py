@@ -171,11 +171,13 @@ class Trainer:
             raise UserError(f"key 'engine.engines.{unknown[0]}': family {r.model.family!r} has no engine "
                             f"{unknown[0]!r} (its engines: {', '.join(modules)})")
         self.engine_cfgs = {n: engine_config(r, n, self.task.engine_overrides(n)) for n in modules}
-        self.train_data, self.eval_data = build_loaders(r.data, env, r.engine.grad_accum, r.run.seed, self.task.fields)
+        batches = self.task.global_batches(r.train.steps)
+        self.train_data, self.eval_data = build_loaders(r.data, env, r.engine.grad_accum, r.run.seed, self.task.fields,
+                                                        batches)
         self.engines = {}
         for name, module in modules.items():
             self.engines[name] = build_engine(
-                name, module, self.engine_cfgs[name], r.data.batch_size, env.world_size, r.train.steps,
+                name, module, self.engine_cfgs[name], self.train_data.batch_size, env.world_size, r.train.steps,
                 threshold=r.train.skip.grad_norm_threshold, param_groups=self.task.param_groups(name, module))
         ema_name = self.task.ema_module or self.main
         self.ema = EMA(self.engines[ema_name].module, r.train.ema) if r.train.ema > 0 else None
@@ -210,7 +212,7 @@ class Trainer:
         gas = len(micro_batches)
         totals: dict[str, torch.Tensor] = {}
         for m, batch in enumerate(micro_batches):
-            ctx = self._ctx(step, m, stream=name)
+            ctx = self._ctx(step, m, batch_size=self.train_data.micro_at(step), stream=name)
             x = self.task.prepare_batch(batch, ctx)
             loss, metrics = self.task.loss(name, x, ctx)
             if name == self.main and (step + 1) in r.train.debug.nan_loss_at_steps:
@@ -356,8 +358,9 @@ class Trainer:
                 "data": data_fingerprint(r.data.path)}
 
     def save(self) -> Path:
-        state = {"step": self.step, "samples_seen": self.step * self.train_data.global_batch,
-                 "epoch": self.step // self.train_data.steps_per_epoch, "skipped_total": self.skipped_total,
+        order = self.train_data.order
+        state = {"step": self.step, "samples_seen": order.images_before(self.step),
+                 "epoch": order.epoch_of(self.step), "skipped_total": self.skipped_total,
                  "consecutive_skips": self.consecutive_skips, "zero_stage": self.recipe.engine.zero_stage,
                  "engines": self.order, "time": time.time(), **self.fingerprint()}
         return self.ckpt.save(self.step, self.engines, self.ema, state, task_state=self.task.state_dict(),
@@ -459,13 +462,11 @@ class Trainer:
         dist.barrier()
         self.log = MetricsLog(self.run_dir, self.step, env.is_main)
         if env.is_main:
-            d = self.train_data
             params = {n: sum(getattr(p, "ds_numel", p.numel()) for p in e.module.parameters())
                       for n, e in self.engines.items()}
             frozen = {n: sum(p.numel() for p in m.parameters()) for n, m in self.frozen.items()}
             print(f"run {self.run_dir} | family {r.model.family} | world {env.world_size} ({env.source}) | "
-                  f"ZeRO-{r.engine.zero_stage} {r.engine.precision} | global batch {d.global_batch} = "
-                  f"{r.data.batch_size} per rank x {env.world_size} ranks x {r.engine.grad_accum} accum | "
+                  f"ZeRO-{r.engine.zero_stage} {r.engine.precision} | global batch {self._batch_text()} | "
                   f"parameters {', '.join(f'{n} {c:,}' for n, c in params.items())}"
                   + (f" | frozen {', '.join(f'{n} {c:,}' for n, c in frozen.items())}" if frozen else ""), flush=True)
             if latest is not None:
@@ -473,6 +474,15 @@ class Trainer:
                 if changes:
                     warn(f"resumed with changed training keys (train.resume_changed=allow): {'; '.join(changes)}")
                     self.log.log({"step": self.step, "event": "resume_changed", "changes": changes})
+
+    def _batch_text(self) -> str:
+        d, r = self.train_data, self.recipe
+        if d.order.batches is None:
+            return (f"{d.global_batch} = {r.data.batch_size} per rank x {self.env.world_size} ranks x "
+                    f"{r.engine.grad_accum} accum")
+        sizes = list(dict.fromkeys(int(b) for b in d.order.batches))
+        return (f"{' -> '.join(map(str, sizes))} (the family's schedule) over {self.env.world_size} ranks x "
+                f"{r.engine.grad_accum} accum")
 
     def _progress(self):
         from tqdm import tqdm
@@ -509,7 +519,7 @@ class Trainer:
                     if self.task.reset_optimizer(name, s):
                         e.reset_optimizer_state()
                 active = [n for n in self.order if self.active(n, s)]
-                lrs = {n: self.engines[n].set_lr(s) for n in active}
+                lrs = {n: self.engines[n].set_lr(s, self.task.lr(n, s)) for n in active}
                 micro = self.train_data.batch(s)
                 record: dict = {"step": s + 1}
                 skipped = []
@@ -533,7 +543,7 @@ class Trainer:
                     record["lr"] = lrs[self.main]
                 record.update(skipped=bool(skipped), skips_total=self.skipped_total,
                               sec_per_step=now - t_last,
-                              images_per_sec=self.train_data.global_batch / max(now - t_last, 1e-9))
+                              images_per_sec=self.train_data.global_batch_at(s) / max(now - t_last, 1e-9))
                 record.update({f"{n}/lr": v for n, v in lrs.items() if n != self.main})
                 t_last = now
                 if skipped:

@@ -261,3 +261,29 @@ def test_no_ffcv_epoch_thread_outlives_its_loader_and_torch_keeps_its_threads():
     train.close()
     alive = [t for t in set(threading.enumerate()) - earlier if type(t).__name__ == "EpochIterator" and t.is_alive()]
     assert alive == [] and torch.get_num_threads() == before
+
+
+def test_a_batch_schedule_reads_each_steps_images_across_pieces_and_on_resume(raw_beton):
+    """A growing GAN's minibatch (16, then 12, then 4 and 16 again; 2 ranks): one FFCV loader per
+    micro-batch size, pieces cut at epoch ends and size changes, a restart in the middle of one."""
+    path, x, splits = raw_beton
+    info = BetonInfo(path)
+    batches = [16] * 11 + [12] * 5 + [4] * 9 + [16] * 4
+
+    def loader(rank):
+        return TrainLoader(info, GlobalOrder(info.ids("train"), 0, 2, rank, 1, 0, batches=batches), 3, 2)
+
+    ranks = [loader(r) for r in range(2)]
+    straight = []
+    for s, g in enumerate(batches):
+        per_rank = [ld.batch(s)[0]["image"] for ld in ranks]
+        for ld, b in zip(ranks, per_rank):
+            assert b.shape[0] == g // 2 and index_of(b) == list(map(int, ld.indices(s)[0]))
+        straight.append(index_of(per_rank[1]))
+    assert len(ranks[1]._loaders) == 3  # micro-batches of 8, 6 and 2
+    for ld in ranks:
+        ld.close()
+    again = loader(1)
+    for s in (13, 7):  # mid-piece, then back to an earlier one (a restart either way)
+        assert [index_of(again.batch(t)[0]["image"]) for t in range(s, len(batches))] == straight[s:]
+    again.close()

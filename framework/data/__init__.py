@@ -30,8 +30,10 @@ def read_fields(cfg, task_fields) -> tuple:
     return tuple(dict.fromkeys([*task_fields, *cfg.fields]))
 
 
-def build_loaders(cfg, env, grad_accum: int, seed: int, fields=("image",)):
-    """(TrainLoader, EvalLoader) for this rank, from the recipe's `data:` block."""
+def build_loaders(cfg, env, grad_accum: int, seed: int, fields=("image",), batches=None):
+    """(TrainLoader, EvalLoader) for this rank, from the recipe's `data:` block; `batches`: the
+    global batch of every step when the family schedules it (Task.global_batches), else
+    data.batch_size per rank at every step."""
     from .loader import BetonInfo, EvalLoader, TrainLoader
 
     info = BetonInfo(cfg.path)
@@ -43,7 +45,7 @@ def build_loaders(cfg, env, grad_accum: int, seed: int, fields=("image",)):
         info.check_shape(cfg.resolution)
         info.check_channels(cfg.channels)
     train = TrainLoader(info, GlobalOrder(info.ids("train"), cfg.batch_size, env.world_size, env.rank, grad_accum,
-                                          seed), cfg.channels, cfg.workers, cfg.flip, fields)
+                                          seed, batches), cfg.channels, cfg.workers, cfg.flip, fields)
     ev = EvalLoader(info, EvalShard(info.ids("val"), cfg.eval_batch_size or cfg.batch_size, env.world_size,
                                     env.rank), cfg.channels, cfg.workers, fields)
     return train, ev

@@ -228,14 +228,13 @@ class BetonInfo:
 
 
 class _Plan:
-    """FFCV traversal order: the ids this rank reads in an epoch, from a given step on."""
+    """FFCV traversal order: the ids this rank reads in the current piece (see GlobalOrder)."""
 
-    def __init__(self, fn):
-        self.fn = fn
-        self.epoch_start = {}
+    def __init__(self, ids: np.ndarray):
+        self.ids = ids
 
     def sample_order(self, epoch: int):
-        return self.fn(epoch, self.epoch_start.get(epoch, 0)).astype(np.uint64)
+        return self.ids.astype(np.uint64)
 
 
 def _pipeline(info: BetonInfo, name: str):
@@ -273,44 +272,66 @@ def _as_batch(stored: list[str], outputs, ids: np.ndarray, fields, channels: int
 
 class TrainLoader:
     """`batch(step)` -> this rank's micro-batches of that global step: dicts of the task's fields
-    (`image`: uint8 (B, C, H, W); `label`, `index`: int64 (B,); stored arrays as written)."""
+    (`image`: uint8 (B, C, H, W); `label`, `index`: int64 (B,); stored arrays as written). With a
+    batch schedule (GlobalOrder's `batches`) there is one FFCV loader per micro-batch size, made
+    when first needed."""
 
     def __init__(self, info: BetonInfo, order: GlobalOrder, channels: int = 3, workers: int = 2,
                  flip: bool = False, fields=("image",)):
         info.check_fields(fields)
         self.info, self.order, self.channels, self.flip, self.fields = info, order, channels, flip, tuple(fields)
+        self.workers = workers
         self.steps_per_epoch = order.steps_per_epoch
         self.global_batch = order.global_batch
         self.batch_size = order.batch
-        self._ffcv, self._stored = _ffcv_loader(info, order.batch, workers, order.rank_epoch(0), True, self.fields)
-        self._plan = _Plan(lambda e, start: order.rank_epoch(e, start))
-        self._ffcv.traversal_order = self._plan
+        self._loaders: dict[int, tuple] = {}  # micro-batch size -> (FFCV loader, stored fields, plan)
+        self._loader(order.batch)
+        self._stored = self._loaders[order.batch][1]
         self._it = None
         self._next = None
+        self._piece_end = -1
+
+    def _loader(self, micro: int):
+        if micro not in self._loaders:
+            # FFCV cuts each epoch's order to len(loader) batches, which it counts on the order it is
+            # built with: the whole split, longer than any piece of one rank
+            ffcv, stored = _ffcv_loader(self.info, micro, self.workers, self.order.ids, True, self.fields)
+            plan = _Plan(np.zeros(0, np.int64))
+            ffcv.traversal_order = plan
+            self._loaders[micro] = (ffcv, stored, plan)
+        return self._loaders[micro]
 
     def indices(self, step: int) -> list[np.ndarray]:
         return self.order.indices(step)
 
+    def micro_at(self, step: int) -> int:
+        return self.order.micro_at(step)
+
+    def global_batch_at(self, step: int) -> int:
+        return self.order.global_batch_at(step)
+
     def _restart(self, step: int) -> None:
         if self._it is not None:
             _stop_epoch(self._it)
-        epoch, k = divmod(step, self.steps_per_epoch)
-        self._plan.epoch_start = {epoch: k}
-        self._ffcv.next_epoch = epoch
-        self._it = _start_epoch(self._ffcv)
+            self._it = None
+        ffcv, _, plan = self._loader(self.order.micro_at(step))
+        plan.ids = self.order.rank_piece(step)
+        self._piece_end = self.order.piece(step)[1]
+        if self._stored:
+            self._it = _start_epoch(ffcv)
 
     def _flips(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.order.seed, epoch, 0xF11B]).random(self.info.num_images) < 0.5
 
     def batch(self, step: int) -> list[dict]:
-        if self._it is None or step != self._next or step % self.steps_per_epoch == 0:
+        if step != self._next or step >= self._piece_end:
             self._restart(step)
         out = []
         for ids in self.order.indices(step):
             outputs = next(self._it) if self._stored else ()
             b = _as_batch(self._stored, outputs, ids, self.fields, self.channels)
             if self.flip and "image" in b:
-                mask = torch.from_numpy(self._flips(step // self.steps_per_epoch)[ids])
+                mask = torch.from_numpy(self._flips(self.order.epoch_of(step))[ids])
                 b["image"][mask] = b["image"][mask].flip(-1)
             out.append(b)
         self._next = step + 1

@@ -20,15 +20,105 @@ from ..errors import UserError
 
 
 class GlobalOrder:
-    def __init__(self, ids, batch: int, world: int, rank: int, accum: int = 1, seed: int = 0):
+    """The training order. `batch` is the per-rank micro-batch of every step; or `batches` gives
+    the global batch of each step 0..len-1 (a growing GAN's per-resolution minibatch), each a
+    multiple of world x accum. Either way step s takes the next global batch of ids from the
+    current epoch's permutation when that many are left, else the first of the next epoch's (the
+    rest of the epoch is dropped), so a fixed batch gives `steps_per_epoch` equal steps an epoch.
+
+    FFCV reads a rank's ids in pieces: runs of steps with the same epoch and micro-batch size."""
+
+    def __init__(self, ids, batch: int, world: int, rank: int, accum: int = 1, seed: int = 0, batches=None):
         self.ids = np.asarray(ids, np.int64)
-        self.batch, self.world, self.rank, self.accum, self.seed = batch, world, rank, accum, seed
-        self.global_batch = batch * world * accum
-        self.steps_per_epoch = len(self.ids) // self.global_batch
-        if self.steps_per_epoch < 1:
-            raise UserError(f"data: {len(self.ids)} training images are fewer than one global batch of "
-                            f"{self.global_batch} (data.batch_size {batch} x world {world} x engine.grad_accum {accum})")
+        self.world, self.rank, self.accum, self.seed = world, rank, accum, seed
+        n = len(self.ids)
         self._cached = (-1, None)
+        if batches is None:
+            self.batches = None
+            self.batch = batch
+            self.global_batch = batch * world * accum
+            self.steps_per_epoch = n // self.global_batch
+            if self.steps_per_epoch < 1:
+                raise UserError(f"data: {n} training images are fewer than one global batch of "
+                                f"{self.global_batch} (data.batch_size {batch} x world {world} x engine.grad_accum "
+                                f"{accum})")
+            return
+        self.batches = np.asarray(batches, np.int64)
+        unit = world * accum
+        if len(self.batches) == 0:
+            raise UserError("data: a batch schedule of no steps")
+        bad = np.flatnonzero((self.batches < unit) | (self.batches % unit != 0))
+        if len(bad):
+            s = int(bad[0])
+            raise UserError(f"data: the global batch of step {s} is {int(self.batches[s])}, not a positive multiple "
+                            f"of world {world} x engine.grad_accum {accum}")
+        if int(self.batches.max()) > n:
+            raise UserError(f"data: {n} training images are fewer than the largest global batch of the schedule "
+                            f"({int(self.batches.max())})")
+        self.batch = int(self.batches[0]) // unit
+        self.global_batch = int(self.batches[0])
+        self.steps_per_epoch = None  # epochs have different numbers of steps
+        self._epoch, self._start = self._tables(self.batches, n)
+        self._images = np.concatenate([[0], np.cumsum(self.batches)])
+        piece = np.ones(len(self.batches), bool)
+        piece[1:] = (np.diff(self._epoch) != 0) | (np.diff(self.batches) != 0)
+        self._piece_starts = np.flatnonzero(piece)
+
+    @staticmethod
+    def _tables(batches: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """(epoch, offset into the epoch's permutation) of every step: one pass over the runs of
+        equal batches and the epochs."""
+        steps = len(batches)
+        epoch, start = np.empty(steps, np.int64), np.empty(steps, np.int64)
+        bounds = [0, *(np.flatnonzero(np.diff(batches)) + 1).tolist(), steps]
+        e = pos = 0
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            g, s = int(batches[a]), a
+            while s < b:
+                fit = (n - pos) // g
+                if fit == 0:
+                    e, pos = e + 1, 0
+                    continue
+                k = min(fit, b - s)
+                epoch[s:s + k] = e
+                start[s:s + k] = pos + g * np.arange(k)
+                pos, s = pos + g * k, s + k
+        return epoch, start
+
+    def _check(self, step: int) -> None:
+        if self.batches is not None and not 0 <= step < len(self.batches):
+            raise IndexError(f"step {step} outside the batch schedule's {len(self.batches)} steps")
+
+    def global_batch_at(self, step: int) -> int:
+        self._check(step)
+        return self.global_batch if self.batches is None else int(self.batches[step])
+
+    def micro_at(self, step: int) -> int:
+        """This rank's micro-batch size at `step`."""
+        return self.global_batch_at(step) // (self.world * self.accum)
+
+    def images_before(self, step: int) -> int:
+        """Images shown by the steps before `step` (all ranks)."""
+        if self.batches is None:
+            return step * self.global_batch
+        return int(self._images[min(step, len(self.batches))])
+
+    def epoch_of(self, step: int) -> int:
+        """The epoch `step` reads from (past the schedule's end: that of its last step)."""
+        if self.batches is None:
+            return step // self.steps_per_epoch
+        return int(self._epoch[min(max(step, 0), len(self.batches) - 1)])
+
+    def piece(self, step: int) -> tuple[int, int]:
+        """[first, end) of the steps that share `step`'s epoch and micro-batch size."""
+        if self.batches is None:
+            e = step // self.steps_per_epoch
+            return e * self.steps_per_epoch, (e + 1) * self.steps_per_epoch
+        self._check(step)
+        k = int(np.searchsorted(self._piece_starts, step, side="right")) - 1
+        first = int(self._piece_starts[k])
+        end = int(self._piece_starts[k + 1]) if k + 1 < len(self._piece_starts) else len(self.batches)
+        return first, end
 
     def permutation(self, epoch: int) -> np.ndarray:
         if self._cached[0] != epoch:
@@ -37,16 +127,20 @@ class GlobalOrder:
         return self._cached[1]
 
     def indices(self, step: int) -> list[np.ndarray]:
-        """This rank's micro-batches of global step `step`: `accum` arrays of `batch` ids."""
-        epoch, k = divmod(step, self.steps_per_epoch)
-        block = self.permutation(epoch)[k * self.global_batch:(k + 1) * self.global_batch]
-        b, w, r = self.batch, self.world, self.rank
+        """This rank's micro-batches of global step `step`: `accum` arrays of micro_at(step) ids."""
+        if self.batches is None:
+            epoch, k = divmod(step, self.steps_per_epoch)
+            at, g = k * self.global_batch, self.global_batch
+        else:
+            self._check(step)
+            epoch, at, g = int(self._epoch[step]), int(self._start[step]), int(self.batches[step])
+        block = self.permutation(epoch)[at:at + g]
+        b, w, r = g // (self.world * self.accum), self.world, self.rank
         return [block[(m * w + r) * b:(m * w + r + 1) * b] for m in range(self.accum)]
 
-    def rank_epoch(self, epoch: int, from_step: int = 0) -> np.ndarray:
-        """Every id this rank reads in `epoch`, in order, from step `from_step` of the epoch on."""
-        steps = range(epoch * self.steps_per_epoch + from_step, (epoch + 1) * self.steps_per_epoch)
-        parts = [mb for s in steps for mb in self.indices(s)]
+    def rank_piece(self, step: int) -> np.ndarray:
+        """Every id this rank reads from `step` to the end of its piece, in order."""
+        parts = [mb for s in range(step, self.piece(step)[1]) for mb in self.indices(s)]
         return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
 
