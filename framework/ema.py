@@ -7,7 +7,8 @@ Sampling with the averaged weights swaps them in and back (`with ema.swapped(): 
 
 The decay warms up as min(decay, (1 + n) / (10 + n)) after n updates (as TensorFlow's
 ExponentialMovingAverage with num_updates does): with a constant 0.999, a 600-step run would
-still carry 0.999^600 = 55% of the random initial weights.
+still carry 0.999^600 = 55% of the random initial weights. `warmup=False` averages at the
+constant decay from the first update (PGGAN's Gs, as the official code).
 """
 from __future__ import annotations
 
@@ -21,14 +22,16 @@ def _storage(p: torch.nn.Parameter) -> torch.Tensor:
 
 
 class EMA:
-    def __init__(self, module: torch.nn.Module, decay: float):
-        self.decay = decay
+    def __init__(self, module: torch.nn.Module, decay: float, warmup: bool = True):
+        self.decay, self.warmup = decay, warmup
         self.params = [p for p in module.parameters()]
         self.sharded = any(hasattr(p, "ds_tensor") for p in self.params)
         self.shadow = [_storage(p).detach().float().clone() for p in self.params]
         self.num_updates = 0
 
     def current_decay(self) -> float:
+        if not self.warmup:
+            return self.decay
         return min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
 
     @torch.no_grad()

@@ -159,6 +159,7 @@ class Task:
 
     main: str = ""  # the engine whose loss is logged as `loss` (default: the first)
     ema_module: str = ""  # the module whose weights get an EMA and are used to sample
+    ema_warmup: bool = True  # the EMA's decay warms up (framework/ema.py); False: constant from the start
     fields: tuple = ("image",)  # what the task reads from the .beton: image, label, index, or any stored field
     zero_stages: tuple = (0, 1, 2, 3)  # the ZeRO stages the family supports (checked when a recipe loads)
 

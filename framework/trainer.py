@@ -180,7 +180,8 @@ class Trainer:
                 name, module, self.engine_cfgs[name], self.train_data.batch_size, env.world_size, r.train.steps,
                 threshold=r.train.skip.grad_norm_threshold, param_groups=self.task.param_groups(name, module))
         ema_name = self.task.ema_module or self.main
-        self.ema = EMA(self.engines[ema_name].module, r.train.ema) if r.train.ema > 0 else None
+        self.ema = (EMA(self.engines[ema_name].module, r.train.ema, warmup=self.task.ema_warmup)
+                    if r.train.ema > 0 else None)
         self.ckpt = Checkpointer(self.run_dir / "checkpoints", r.train.keep_checkpoints, env)
         self.step = 0
         self.skipped_total = 0

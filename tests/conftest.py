@@ -183,3 +183,24 @@ def digit_classifier(seed: int = 0, epochs: int = 3):
     net.eval()
     with torch.no_grad():
         return net, float((net(x[va]).argmax(1) == y[va]).float().mean())
+
+
+def digit_features():
+    """A stand-in for Inception (none ships here): a FeatureNet giving the 1024-d penultimate layer of
+    digit_classifier(); its `accuracy` is the classifier's on the validation split."""
+    import torch
+
+    from framework.eval.fid import FeatureNet
+
+    class DigitFeatures(FeatureNet):
+        name, dims, label = "test-digit-classifier", 1024, "digit-classifier features (a test stand-in)"
+
+        def __init__(self):
+            net, self.accuracy = digit_classifier()
+            self.body = net[:-1]
+
+        @torch.no_grad()
+        def __call__(self, x):
+            return self.body(x[:, :1].float() / 255)
+
+    return DigitFeatures()

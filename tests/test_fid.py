@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import (MNIST_BETON, NVAE, REPO, TINY_NVAE, TINY_VAE, TINY_VQ, VAE, VQGAN, digit_classifier, env,
+from conftest import (MNIST_BETON, NVAE, REPO, TINY_NVAE, TINY_VAE, TINY_VQ, VAE, VQGAN, digit_features, env,
                       free_port, mnist300_beton, run_train)
 from framework.eval import fid as F
 
@@ -244,21 +244,6 @@ def test_fid_during_training_is_logged_and_missing_weights_write_nothing(small_b
 
 # -- the metric orders what it should ---------------------------------------------------------------
 
-class DigitFeatures(F.FeatureNet):
-    """A stand-in for Inception (none ships here): the 1024-d penultimate layer of the small digit
-    classifier that conftest trains on the bundled digits' training split."""
-
-    name, dims, label = "test-digit-classifier", 1024, "digit-classifier features (a test stand-in)"
-
-    def __init__(self):
-        net, self.accuracy = digit_classifier()
-        self.body = net[:-1]
-
-    @torch.no_grad()
-    def __call__(self, x):
-        return self.body(x[:, :1].float() / 255)
-
-
 @pytest.mark.slow
 def test_the_score_orders_real_digits_a_trained_nvae_and_an_untrained_one(tmp_path):
     from framework.data.loader import BetonInfo
@@ -266,7 +251,7 @@ def test_the_score_orders_real_digits_a_trained_nvae_and_an_untrained_one(tmp_pa
     from framework.eval.checkpoints import load
 
     info = BetonInfo(MNIST_BETON)
-    net = DigitFeatures()
+    net = digit_features()
     assert net.accuracy > 0.85
     e = detect({})
     ref = F.stats_of(F.image_features(info, info.ids("train"), net, e, 1, 250, progress=False))  # not cached:

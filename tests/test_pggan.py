@@ -146,18 +146,21 @@ def test_alpha_moves_every_minibatch_repeats_steps_and_the_optimisers_reset_at_e
 def test_per_resolution_batches_and_learning_rates():
     cfg = ScheduleConfig(phase_images=50, fade_images=50, batch=16, batch_per_resolution={"8": 12, 16: 7},
                          lr_g_per_resolution={16: 0.002}, minibatch_repeats=1)
-    s = Schedule(cfg, 16, world=2)
+    s = Schedule(cfg, 16, unit=2)
     assert [s.at_images(n).batch for n in (0, 60, 250)] == [16, 12, 6]  # 7 rounded down to the 2 ranks
     assert s.at_images(250).lr_g == 0.002 and s.at_images(250).lr_d == 0.001
 
 
 @pytest.mark.parametrize("kw,target,message", [
-    ({}, 48, "not a power of two >= 8"), ({}, 4, "not a power of two >= 8"),
-    ({"phase_images": 0, "fade_images": 0}, 32, "not both 0"), ({"initial_resolution": 64}, 32, "initial resolution"),
-    ({"batch": 1}, 32, "fewer than the 2 ranks")])
+    ({}, 48, "target must be a power of two >= 8"), ({}, 4, "target must be a power of two >= 8"),
+    ({"phase_images": 0, "fade_images": 0}, 32, "a schedule of zero images"),
+    ({"initial_resolution": 64}, 32, "initial_resolution' is 64"),
+    ({"batch": 1}, 32, "is 1, fewer than world size x engine.grad_accum = 2"),
+    ({"batch_per_resolution": {256: None}}, 32, "YAML reads 4:16 as the number 256"),
+    ({"lr_g_per_resolution": {8: -1.0}}, 32, "8: -1.0 is not a positive float")])
 def test_bad_schedules_are_one_line(kw, target, message):
     with pytest.raises(UserError, match=message):
-        Schedule(ScheduleConfig(**kw), target, world=2)
+        Schedule(ScheduleConfig(**kw), target, unit=2)
 
 
 # -- WGAN-GP ----------------------------------------------------------------------------------------

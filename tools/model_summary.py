@@ -51,6 +51,14 @@ def main(argv=None) -> int:
             v = "; ".join(f"{n} at batch {e['batch']} {e['precision']}: {gib(e['without_checkpointing'])} "
                           f"(checkpointing blocks: {gib(e['with_checkpointing_blocks'])})"
                           for n, e in v.items()) or "n/a"
+        elif isinstance(v, list) and v and all(isinstance(row, dict) for row in v):  # a table (PGGAN's schedule)
+            print(f"{k}:")
+            cols = list(v[0])
+            cells = [[str(c) for c in cols]] + [[f"{row.get(c)}" for c in cols] for row in v]
+            widths = [max(len(r[i]) for r in cells) for i in range(len(cols))]
+            for r in cells:
+                print("  " + "  ".join(c.rjust(w) for c, w in zip(r, widths)))
+            continue
         print(f"{k + ':':<{width}} {v}")
     return 0
 

@@ -223,6 +223,12 @@ def load(path: str | os.PathLike, env=None, ema: bool = True, overrides: list[st
             used = training_weights(ckpt, name, module, state, ema and name == ema_name)
             if name == ema_name:
                 info["weights"] = used
+        task_file = ckpt / "task_rank0.pt"  # the family's own state (PGGAN: the phase it stopped in)
+        if task_file.is_file():
+            try:
+                task.load_state_dict(_load_file(task_file))
+            except ValueError as e:
+                raise UserError(f"{task_file}: {e}") from None
     for module in modules.values():
         module.to(device).eval()
     loaded = Loaded(ckpt, recipe, task, modules, env, device, info)

@@ -20,6 +20,7 @@ FAMILIES = {
     "vqgan": "framework.models.vqgan",
     "vqvae": "framework.models.vqvae",
     "prior": "framework.models.prior",
+    "pggan": "framework.models.pggan",
 }
 
 

@@ -7,6 +7,12 @@ mixed = lerp(real, fake, u), u ~ U(0, 1) per sample; the gradient is that of the
 scores with respect to the mixed images (through the minibatch stddev layer, so samples of a
 group enter each other's gradient, as in the official graph), its norm per sample in float32 (or wider).
 The penalty's gradient reaches D's weights through a double backward (create_graph=True).
+
+Under DeepSpeed the mixed images go through the bare module (`penalty_net`), not the engine: an
+engine's outputs carry backward hooks (DeepSpeed >= 0.18's torch-style backward) that would take
+the inner autograd.grad for the engine's own backward — reducing and clearing gradients at its
+end, and dividing its result by the accumulation steps. The parameters are the same, so the
+engine's backward of the loss still reaches them through the penalty.
 """
 from __future__ import annotations
 
@@ -29,13 +35,14 @@ def gradient_norms(d, mixed: torch.Tensor, level: int, alpha: float, create_grap
 
 
 def d_loss(d, real: torch.Tensor, fake: torch.Tensor, u: torch.Tensor, level: int, alpha: float,
-           lam: float = LAMBDA, target: float = TARGET, eps_drift: float = EPS_DRIFT):
-    """The discriminator's loss (mean over the batch) and its terms (per sample means)."""
+           lam: float = LAMBDA, target: float = TARGET, eps_drift: float = EPS_DRIFT, penalty_net=None):
+    """The discriminator's loss (mean over the batch) and its terms (per sample means);
+    `penalty_net`: the module the gradient penalty differentiates (default d)."""
     fake = fake.detach()
     real_s = _fp32(d(real, level, alpha))
     fake_s = _fp32(d(fake, level, alpha))
     mixed = torch.lerp(real, fake, u.to(real.dtype).view(-1, 1, 1, 1))
-    norms = gradient_norms(d, mixed, level, alpha)
+    norms = gradient_norms(d if penalty_net is None else penalty_net, mixed, level, alpha)
     gp = (norms - target).pow(2)
     loss = fake_s - real_s + gp * (lam / target ** 2) + real_s.pow(2) * eps_drift
     return loss.mean(), {"w_distance": (real_s - fake_s).mean().detach(), "gradient_penalty": gp.mean().detach(),

@@ -50,39 +50,52 @@ class Phase:
         return 2 ** self.level
 
 
-def _int_keys(d: dict, what: str) -> dict:
+def _int_keys(d: dict, what: str, kind=int) -> dict:
+    """{resolution: value} with positive values; a value of None is YAML's reading of `{4:16}` (no
+    space after the colon: the base-60 number 256 as a key with no value)."""
     try:
-        return {int(k): v for k, v in dict(d).items()}
+        out = {int(k): v for k, v in dict(d).items()}
     except (TypeError, ValueError):
-        raise UserError(f"key '{what}': keys must be resolutions (4, 8, …), got {list(dict(d))}") from None
+        raise UserError(f"key 'model.{what}': keys must be resolutions (4, 8, …), got {list(dict(d))}") from None
+    for k, v in out.items():
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 and (kind is float or v == int(v))
+        if not ok:
+            hint = " (write {4: 16} with a space after the colon: YAML reads 4:16 as the number 256)" if v is None else ""
+            raise UserError(f"key 'model.{what}': {k}: {v!r} is not a positive {kind.__name__}{hint}")
+    return {k: kind(v) for k, v in out.items()}
 
 
 class Schedule:
-    def __init__(self, cfg: ScheduleConfig, target_resolution: int, world: int = 1):
+    def __init__(self, cfg: ScheduleConfig, target_resolution: int, unit: int = 1):
+        """unit: world size x gradient accumulation; every minibatch is rounded down to a multiple."""
         top = int(math.log2(target_resolution)) if target_resolution > 0 else -1
         if target_resolution < 8 or 2 ** top != target_resolution:
-            raise UserError(f"PGGAN: target resolution {target_resolution} is not a power of two >= 8")
+            raise UserError(f"key 'data.resolution' is {target_resolution}; PGGAN's target must be a power of two >= 8")
         first = int(math.log2(cfg.initial_resolution)) if cfg.initial_resolution > 0 else -1
         if cfg.initial_resolution < 4 or 2 ** first != cfg.initial_resolution or cfg.initial_resolution > target_resolution:
-            raise UserError(f"PGGAN: initial resolution {cfg.initial_resolution} is not a power of two in "
-                            f"4..{target_resolution}")
+            raise UserError(f"key 'model.schedule.initial_resolution' is {cfg.initial_resolution}; it must be a power "
+                            f"of two in 4..{target_resolution} (data.resolution)")
         if cfg.phase_images < 0 or cfg.fade_images < 0 or cfg.phase_images + cfg.fade_images == 0:
-            raise UserError(f"PGGAN: a schedule of {cfg.phase_images} + {cfg.fade_images} images per phase; "
-                            f"both must be >= 0 and not both 0")
+            raise UserError(f"keys 'model.schedule.phase_images' and 'fade_images' are {cfg.phase_images} and "
+                            f"{cfg.fade_images}: a schedule of zero images (both must be >= 0 and not both 0)")
         if cfg.minibatch_repeats < 1:
-            raise UserError(f"PGGAN: minibatch_repeats is {cfg.minibatch_repeats}; it must be >= 1")
-        self.cfg, self.top, self.first, self.world = cfg, top, first, world
+            raise UserError(f"key 'model.schedule.minibatch_repeats' is {cfg.minibatch_repeats}; it must be >= 1")
+        self.cfg, self.top, self.first, self.unit = cfg, top, first, unit
         self.batches = _int_keys(cfg.batch_per_resolution, "schedule.batch_per_resolution")
-        self.lr_g = _int_keys(cfg.lr_g_per_resolution, "schedule.lr_g_per_resolution")
-        self.lr_d = _int_keys(cfg.lr_d_per_resolution, "schedule.lr_d_per_resolution")
+        self.lr_g = _int_keys(cfg.lr_g_per_resolution, "schedule.lr_g_per_resolution", float)
+        self.lr_d = _int_keys(cfg.lr_d_per_resolution, "schedule.lr_d_per_resolution", float)
         for res in range(first, top + 1):
             b = self.batch_of(2 ** res)
-            if b < world:
-                raise UserError(f"PGGAN: the minibatch at {2 ** res} px is {b}, fewer than the {world} ranks")
+            if b < unit:
+                raise UserError(f"key 'model.schedule': the minibatch at {2 ** res} px is {self.raw_batch(2 ** res)}, "
+                                f"fewer than world size x engine.grad_accum = {unit}")
+
+    def raw_batch(self, resolution: int) -> int:
+        return int(self.batches.get(resolution, self.cfg.batch))
 
     def batch_of(self, resolution: int) -> int:
-        b = int(self.batches.get(resolution, self.cfg.batch))
-        return b - b % self.world  # divisible by the ranks, as the official code divides by GPUs
+        b = self.raw_batch(resolution)
+        return b - b % self.unit  # divisible by the ranks, as the official code divides by GPUs
 
     def lod(self, images: int) -> float:
         c = self.cfg
