@@ -5,6 +5,7 @@ alpha, batch, learning rate, optimiser resets), and WGAN-GP against a brute-forc
 finite differences through the double backward."""
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch.nn import functional as F
@@ -205,3 +206,135 @@ def test_the_discriminator_loss_and_its_double_backward_match_finite_differences
         assert analytic == pytest.approx((vals[0] - vals[1]) / (2 * h), rel=1e-4, abs=1e-7)
     g, _ = g_loss(d, fake, 3, 1.0)
     assert float(g.detach()) == pytest.approx(-float(fs.mean()), rel=1e-9)
+
+
+# -- the task's reals and state -------------------------------------------------------------------
+
+def official_fade_lod(x: np.ndarray, lod: float) -> np.ndarray:
+    """process_reals' FadeLOD on NCHW images of the level (numpy, as the TF graph reshapes)."""
+    n, c, h, w = x.shape
+    y = x.reshape(n, c, h // 2, 2, w // 2, 2).mean(axis=(3, 5), keepdims=True)
+    y = np.tile(y, (1, 1, 1, 2, 1, 2)).reshape(n, c, h, w)
+    frac = lod - math.floor(lod)
+    return x + (y - x) * frac
+
+
+def dataset_tool_halving(x: np.ndarray, times: int) -> np.ndarray:
+    """dataset_tool.py's lower levels of detail (before its rounding to uint8): 2x2 means."""
+    for _ in range(times):
+        x = (x[:, :, 0::2, 0::2] + x[:, :, 0::2, 1::2] + x[:, :, 1::2, 0::2] + x[:, :, 1::2, 1::2]) * 0.25
+    return x
+
+
+@pytest.mark.parametrize("level,alpha", [(2, 1.0), (3, 0.25), (4, 0.6), (5, 1.0)])
+def test_the_reals_of_a_level_are_the_official_lower_lod_faded(level, alpha):
+    from framework.models.pggan.task import fade_reals
+
+    x = np.random.default_rng(level).uniform(-1, 1, (3, 2, 32, 32))
+    lod = 5 - level + 1 - alpha  # the official lod of (level, alpha)
+    want = official_fade_lod(dataset_tool_halving(x, 5 - level), lod)
+    got = fade_reals(torch.from_numpy(x), level, alpha).numpy()
+    assert got.shape == want.shape and np.abs(got - want).max() < 1e-12
+
+
+def test_the_mixing_factors_are_uniform():
+    from framework.models.pggan.task import uniform_from_normal
+
+    u = uniform_from_normal(torch.randn(200_000, generator=torch.Generator().manual_seed(0))).numpy()
+    assert 0 < u.min() and u.max() < 1
+    hist = np.histogram(u, bins=10, range=(0, 1))[0] / len(u)
+    assert np.abs(hist - 0.1).max() < 0.004
+
+
+def pggan_task(*overrides, world=1, recipe="mnist5k_smoke"):
+    from types import SimpleNamespace
+
+    from conftest import MNIST_BETON, REPO
+    from framework.config import load_recipe
+    from framework.models import build_task
+
+    r = load_recipe(str(REPO / "recipes" / "pggan" / f"{recipe}.yaml"), [f"data.path={MNIST_BETON}", *overrides],
+                    check_files=False)
+    return build_task(r, SimpleNamespace(world_size=world, rank=0))
+
+
+def test_a_checkpoints_phase_is_checked_against_the_schedule_on_resume():
+    task = pggan_task()
+    task._trained = 500  # in the fade to 32 px
+    state = task.state_dict()
+    assert (state["resolution"], state["step"]) == (32, 500) and 0 < state["alpha"] < 1
+    same = pggan_task()
+    same.load_state_dict(state)
+    assert same.current(0) == (5, state["alpha"])
+    with pytest.raises(ValueError, match="stopped at step 500 with .* this recipe's schedule gives"):
+        pggan_task("model.schedule.fade_images=4000").load_state_dict(state)
+    pggan_task("model.schedule.fade_images=4000", "train.resume_changed=allow").load_state_dict(state)
+    pggan_task(world=2).load_state_dict(state)  # another world: batches round differently, not compared
+    assert pggan_task().current(0) == (5, 1.0)  # untrained: the target resolution
+
+
+def test_the_per_step_batches_and_learning_rates_reach_the_spine():
+    task = pggan_task()
+    b = task.global_batches(task.recipe.train.steps)
+    assert b.tolist() == [p.batch for p in task.plan] and set(b.tolist()) == {32, 16}
+    assert task.lr("gen", 0) == task.lr("disc", 840) == 1e-3
+    resets = [s for s in range(1, 841) if task.reset_optimizer("gen", s)]
+    assert len(resets) == 6 and task.reset_optimizer("disc", resets[0])  # start and end of three fades
+
+
+def brute_force_plan(s: Schedule, steps: int):
+    """The official loop: every minibatch_repeats steps the schedule is read at the images shown."""
+    out, images, cur = [], 0, None
+    for k in range(steps):
+        if k % s.cfg.minibatch_repeats == 0:
+            cur = s.at_images(images)
+        out.append((images, cur.lod, cur.level, cur.alpha, cur.batch, cur.lr_g, cur.lr_d))
+        images += cur.batch
+    return out, images
+
+
+@pytest.mark.parametrize("kw,target", [
+    (dict(phase_images=64, fade_images=64, batch=8, minibatch_repeats=4), 16),
+    (dict(phase_images=100, fade_images=0, batch=6, batch_per_resolution={4: 30}, minibatch_repeats=1), 32),
+    (dict(phase_images=0, fade_images=50, batch=4, batch_per_resolution={8: 10}, minibatch_repeats=3), 32),
+    (dict(phase_images=70, fade_images=30, batch=5, batch_per_resolution={4: 12, 16: 7}, minibatch_repeats=2,
+          lr_g_per_resolution={16: 0.002}, initial_resolution=8), 64),
+])
+def test_the_compact_plan_equals_the_official_loop(kw, target):
+    s = Schedule(ScheduleConfig(**kw), target)
+    steps = 400
+    want, shown = brute_force_plan(s, steps)
+    plan = s.plan(steps)
+    got = [(p.images, p.lod, p.level, p.alpha, p.batch, p.lr_g, p.lr_d) for p in plan]
+    assert got == want and plan.batches().tolist() == [w[4] for w in want]
+    runs = plan.runs()
+    keys = [(w[2], w[3] < 1, w[4]) for w in want]
+    assert [k for k, _ in runs] == [0] + [i for i in range(1, steps) if keys[i] != keys[i - 1]]
+    assert plan.resolutions() == sorted({2 ** w[2] for w in want})
+    for total in (1, 137, shown - 1, shown):
+        brute = next(k for k in range(steps + 1) if sum(w[4] for w in want[:k]) >= total)
+        assert s.steps_for(total) == brute, total
+
+
+def test_a_1024_px_run_of_millions_of_steps_is_planned_compactly():
+    cfg = ScheduleConfig(phase_images=800_000, fade_images=800_000, batch=16, batch_per_resolution={256: 14, 512: 6,
+                                                                                                    1024: 3})
+    s = Schedule(cfg, 1024)
+    steps = s.steps_for(19_000_000)  # the paper's run (preset-v1)
+    plan = s.plan(steps)
+    assert steps > 3_000_000 and plan.group_batches.nbytes < 8 * steps / 3
+    assert [(p.resolution, p.batch) for _, p in plan.runs()][-2:] == [(1024, 3), (1024, 3)]
+    assert plan[steps - 1].images + 3 >= 19_000_000 > plan[steps - 1].images
+
+
+def test_the_paper_recipes_follow_the_official_schedules():
+    t = pggan_task(recipe="celebahq256")  # preset-v2-8gpus to 256 px
+    runs = [(p.images, p.resolution, p.alpha < 1, p.batch, p.lr_g) for _, p in t.plan.runs()]
+    assert runs[0] == (0, 4, False, 512, 1e-3) and runs[-1][1:] == (256, False, 32, 2e-3)
+    assert abs(runs[-1][0] - 7_200_000) < 32 * 4 and len(runs) == 13  # 4 px, then a fade and a phase each
+    last = t.plan[-1]
+    assert 12_000_000 <= last.images + last.batch < 12_000_000 + 32
+    t = pggan_task(recipe="celebahq1024")  # the paper's run (preset-v1)
+    assert [p.batch for _, p in t.plan.runs()][-4:] == [6, 6, 3, 3] and t.plan[-1].resolution == 1024
+    assert abs(sum(p.numel() for p in t.gen.parameters()) - 23.1e6) <= 0.05e6 and t.disc.mbstd_group_size == 16
+    assert pggan_task(recipe="photos256_smoke").plan[-1].resolution == 256

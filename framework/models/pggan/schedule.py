@@ -19,6 +19,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from ...errors import UserError
 
 
@@ -114,26 +116,52 @@ class Schedule:
         return Phase(images, lod, level, 1.0 - (lod - math.floor(lod)), self.batch_of(res),
                      float(self.lr_g.get(res, self.cfg.lr)), float(self.lr_d.get(res, self.cfg.lr)))
 
-    def plan(self, steps: int) -> list[Phase]:
-        """The phase of every step 0..steps-1: re-evaluated every minibatch_repeats steps."""
-        out, images, current = [], 0, None
-        for s in range(steps):
-            if s % self.cfg.minibatch_repeats == 0:
-                current = self.at_images(images)
-            out.append(Phase(images, current.lod, current.level, current.alpha, current.batch, current.lr_g,
-                             current.lr_d))
-            images += current.batch
-        return out
+    def _level_changes(self) -> list[int]:
+        """Image counts where the level may change: each fade's start and each phase's end."""
+        c, n = self.cfg, self.top - self.first
+        span = c.phase_images + c.fade_images
+        return sorted({t for p in range(n + 1) for t in (p * span + c.phase_images, (p + 1) * span)})
+
+    def _last_images_of_levels(self) -> list[int]:
+        """The last image count of each level but the top: a fade's start (its lod is still whole),
+        or without fades the image before the jump."""
+        c, n = self.cfg, self.top - self.first
+        span = c.phase_images + c.fade_images
+        if c.fade_images > 0:
+            return [p * span + c.phase_images for p in range(n)]
+        return [(p + 1) * span - 1 for p in range(n)]
+
+    def _groups(self, groups: int | None = None, total_images: int | None = None):
+        """(start images, minibatch) of each group of minibatch_repeats steps: a loop over the runs of
+        one level (few; the level decides the minibatch), each filled at once."""
+        r, lasts = self.cfg.minibatch_repeats, self._last_images_of_levels()
+        starts, batches, images, count = [], [], 0, 0
+        while (groups is None or count < groups) and (total_images is None or images < total_images):
+            b = self.at_images(images).batch
+            last = next((t for t in lasts if t >= images), None)
+            left = [(last - images) // (b * r) + 1 if last is not None else None,
+                    groups - count if groups is not None else None,
+                    math.ceil((total_images - images) / (b * r)) if total_images is not None else None]
+            k = max(1, min(v for v in left if v is not None))
+            starts.append(images + b * r * np.arange(k, dtype=np.int64))
+            batches.append(np.full(k, b, np.int64))
+            images, count = images + b * r * k, count + k
+        return np.concatenate(starts), np.concatenate(batches)
+
+    def plan(self, steps: int) -> "Plan":
+        """The phase of every step 0..steps-1, re-evaluated every minibatch_repeats steps."""
+        r = self.cfg.minibatch_repeats
+        starts, batches = self._groups(groups=math.ceil(steps / r))
+        return Plan(self, starts, batches, steps)
 
     def steps_for(self, total_images: int) -> int:
         """Steps until `total_images` real images have been shown (the official total_kimg)."""
-        images, s, current = 0, 0, None
-        while images < total_images:
-            if s % self.cfg.minibatch_repeats == 0:
-                current = self.at_images(images)
-            images += current.batch
-            s += 1
-        return s
+        if total_images <= 0:
+            return 0
+        r = self.cfg.minibatch_repeats
+        starts, batches = self._groups(total_images=total_images)
+        last = len(starts) - 1  # the group in which the total is reached
+        return last * r + math.ceil((total_images - int(starts[last])) / int(batches[last]))
 
     @staticmethod
     def resets(prev: Phase | None, cur: Phase) -> bool:
@@ -141,3 +169,69 @@ class Schedule:
         if prev is None:
             return False
         return (math.floor(cur.lod) != math.floor(prev.lod)) or (math.ceil(cur.lod) != math.ceil(prev.lod))
+
+
+class Plan:
+    """The phases of steps 0..steps-1, stored per group of minibatch_repeats steps (a 1024 px run
+    has millions of steps); plan[s] is step s's Phase."""
+
+    def __init__(self, schedule: Schedule, starts: np.ndarray, batches: np.ndarray, steps: int):
+        self.schedule, self.starts, self.group_batches, self.steps = schedule, starts, batches, steps
+        self.repeats = schedule.cfg.minibatch_repeats
+        self._group_phase = {}
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def _phase_of_group(self, g: int) -> Phase:
+        if g not in self._group_phase:
+            if len(self._group_phase) > 4096:
+                self._group_phase.clear()
+            self._group_phase[g] = self.schedule.at_images(int(self.starts[g]))
+        return self._group_phase[g]
+
+    def __getitem__(self, step):
+        if isinstance(step, slice):
+            return [self[s] for s in range(*step.indices(self.steps))]
+        if step < 0:
+            step += self.steps
+        if not 0 <= step < self.steps:
+            raise IndexError(f"step {step} outside the plan's {self.steps} steps")
+        g, k = divmod(step, self.repeats)
+        p = self._phase_of_group(g)
+        return Phase(p.images + k * p.batch, p.lod, p.level, p.alpha, p.batch, p.lr_g, p.lr_d)
+
+    def __iter__(self):
+        return (self[s] for s in range(self.steps))
+
+    def batches(self) -> np.ndarray:
+        """The global minibatch of every step."""
+        return np.repeat(self.group_batches, self.repeats)[:self.steps]
+
+    def runs(self):
+        """(first step, Phase) where the level, the fading or the minibatch changes."""
+        out, prev = [], None
+        for g in self._group_starts_of_levels():
+            p = self._phase_of_group(g)
+            key = (p.level, p.alpha < 1, p.batch)
+            if key != prev:
+                out.append((g * self.repeats, p))
+                prev = key
+        return out
+
+    def resolutions(self) -> list[int]:
+        return sorted({2 ** lv for lv in self.levels()})
+
+    def levels(self) -> set[int]:
+        return {self._phase_of_group(g).level for g in self._group_starts_of_levels()}
+
+    def _group_starts_of_levels(self):
+        """The groups where the level, the fading or the minibatch can change: the first, those
+        evaluated first at and first after each fade's start and each phase's end, and each
+        minibatch change."""
+        b = self.group_batches
+        idx = [0, *(np.flatnonzero(np.diff(b)) + 1).tolist()]
+        changes = self.schedule._level_changes()  # a group at a change reads the old phase, the next the new
+        for side in ("left", "right"):
+            idx += [int(i) for i in np.searchsorted(self.starts, changes, side=side) if i < len(b)]
+        return sorted(set(idx))

@@ -17,7 +17,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from torch.nn import functional as F
 
@@ -26,7 +25,7 @@ from ...errors import UserError
 from ...task import Last, Task as BaseTask
 from .loss import d_loss, g_loss
 from .networks import Discriminator, Generator, channel_table, downscale2d, parameter_count, upscale2d
-from .schedule import Phase, Schedule, ScheduleConfig
+from .schedule import Phase, Plan, Schedule, ScheduleConfig
 
 
 @dataclass
@@ -88,9 +87,9 @@ class Task(BaseTask):
         self.unit = env.world_size * recipe.engine.grad_accum
         self.schedule = Schedule(m.schedule, d.resolution, self.unit)
         self.top = self.schedule.top
-        self.plan: list[Phase] = self.schedule.plan(recipe.train.steps)
+        self.plan: Plan = self.schedule.plan(recipe.train.steps)
         group = m.mbstd_group_size
-        for res in sorted({p.resolution for p in self.plan}):
+        for res in self.plan.resolutions():
             micro = self.schedule.batch_of(res) // self.unit
             if group > 1 and micro % min(group, micro):
                 raise UserError(f"PGGAN: the micro-batch at {res} px is {micro} images per rank, not a multiple of "
@@ -111,7 +110,7 @@ class Task(BaseTask):
                 "schedule": {"warmup_steps": 0, "decay": "constant"}}
 
     def global_batches(self, steps):
-        return np.array([p.batch for p in self.plan[:steps]], np.int64)
+        return self.plan.batches()[:steps]
 
     def lr(self, name, step):
         p = self.plan[step]
@@ -203,14 +202,10 @@ class Task(BaseTask):
             module(torch.randn(batch, self.recipe.data.channels, 2 ** self.top, 2 ** self.top, device=device))
 
     def summary(self):
-        rows, prev = [], None
-        for s, p in enumerate(self.plan):
-            key = (p.level, p.alpha < 1, p.batch)
-            if key != prev:
-                rows.append({"from_step": s, "from_kimg": p.images / 1000, "resolution": p.resolution,
-                             "fading": p.alpha < 1, "batch": p.batch, "lr_g": p.lr_g, "lr_d": p.lr_d})
-                prev = key
+        rows = [{"from_step": s, "from_kimg": p.images / 1000, "resolution": p.resolution, "fading": p.alpha < 1,
+                 "batch": p.batch, "lr_g": p.lr_g, "lr_d": p.lr_d} for s, p in self.plan.runs()]
+        last = self.plan[-1]
         return {"channels": channel_table(2 ** self.top, fmap_base=self.recipe.model.fmap_base,
                                           fmap_max=self.recipe.model.fmap_max),
                 "parameters": {"gen": parameter_count(self.gen), "disc": parameter_count(self.disc)},
-                "images_shown": self.plan[-1].images + self.plan[-1].batch, "schedule": rows}
+                "images_shown": last.images + last.batch, "schedule": rows}
