@@ -105,6 +105,7 @@ bench: setup data/mnist5k.beton
 	$(PY) tools/bench/vqgan_step.py
 	$(PY) tools/bench/prior_sampling.py
 	$(PY) tools/bench/fid.py
+	$(PY) tools/bench/pggan_step.py
 
 clean-runs:
 	rm -rf runs

@@ -109,8 +109,8 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, override, message):
 @pytest.mark.slow
 def test_the_smoke_recipe_grows_to_32_px_and_its_samples_approach_the_digits(tmp_path):
     """The whole smoke recipe (21,000 images, 4 -> 32 px). Measured here (2-core CPU, 500 EMA samples
-    against the training split, Frechet distance of the digit classifier's features): trained 64.3,
-    untrained 1,113; real validation digits 2.5."""
+    against the training split, Frechet distance of the digit classifier's features): trained 252,
+    untrained 4,376 (held-out real digits: 2.5, tests/test_fid.py)."""
     from framework.data.loader import BetonInfo
     from framework.distributed import detect
     from framework.eval import fid as F

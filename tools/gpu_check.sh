@@ -22,6 +22,11 @@
 #   fid          tools/eval_fid.py on CUDA: the train-1 NVAE, 512 samples against the 500 validation
 #                digits (the real Inception when its file is in the torch hub cache, else random
 #                weights), then the same with the reference cached (FID, images/s)
+#   pggan        1 rank on nccl: a tiny PGGAN across a phase boundary (minibatch 16 -> 8, optimiser
+#                resets, the gradient penalty's double backward) on ZeRO-3 against ZeRO-0 (largest
+#                loss difference), then bf16 on ZeRO-2 (finite)
+#   pggan-step   tools/bench/pggan_step.py on CUDA: the official 256 px networks' step at 64 and 256 px
+#                (images/s, the double backward's share)
 #   profile      tools/profile_sampling.py on CUDA: celebahq256 at random weights, plain vs fast path
 #   noise        one training step's latent noise for celebahq256 (batch 4) drawn on the GPU (ms)
 #   xformers     memory-efficient attention on CUDA, when xformers is installed
@@ -180,6 +185,34 @@ print(f\"FID {a['fid']:.2f} ({'random w' if a['inception_weights'] == 'random' e
 import sys; sys.exit(0 if ok else 1)") && st=PASS || st=FAIL
   line fid "$fig" "$st"
 else line fid "$(tail -1 "$OUT/fid.log" 2>/dev/null | cut -c1-58)" FAIL; fi
+
+# -- pggan / pggan-step ------------------------------------------------------------------------------
+PG="recipes/pggan/mnist5k_smoke.yaml data.path=$BETON model.latent=16 model.fmap_base=64 model.fmap_max=16
+    model.schedule.phase_images=32 model.schedule.fade_images=64 model.schedule.batch=8
+    model.schedule.minibatch_repeats=1 train.steps=10 train.log_every=1 train.progress=false train.sample_every=10
+    train.checkpoint_every=0"
+PGB="model.schedule.batch_per_resolution={4: 16, 8: 8, 16: 8}"
+if timeout 240 $PY -m framework.train $PG "$PGB" run.dir="$OUT/pg0" engine.zero_stage=0 >"$OUT/pggan.log" 2>&1 \
+   && timeout 240 $PY -m framework.train $PG "$PGB" run.dir="$OUT/pg3" engine.zero_stage=3 >>"$OUT/pggan.log" 2>&1 \
+   && timeout 240 $PY -m framework.train $PG "$PGB" run.dir="$OUT/pgbf" engine.zero_stage=2 engine.precision=bf16 \
+        >>"$OUT/pggan.log" 2>&1; then
+  fig=$($PY -c "
+import json, math
+r = {k: [json.loads(l) for l in open(f'$OUT/{k}/metrics.jsonl') if 'loss' in l] for k in ('pg0', 'pg3', 'pgbf')}
+d = max(abs(a[k] - b[k]) / max(1, abs(a[k])) for a, b in zip(r['pg0'], r['pg3']) for k in ('loss', 'gen/loss'))
+ok = d < 1e-3 and len(r['pg3']) == 10 and all(math.isfinite(m['loss']) for m in r['pgbf'])
+print(f\"ZeRO-3 vs 0: max rel. diff {d:.1e}, {r['pg3'][-1]['resolution']:.0f} px, bf16 finite\")
+import sys; sys.exit(0 if ok else 1)") && st=PASS || st=FAIL
+  line pggan "$fig" "$st"
+else line pggan "$(grep -m1 -i 'error' "$OUT/pggan.log" | cut -c1-58)" FAIL; fi
+if timeout 300 $PY tools/bench/pggan_step.py --steps 5 --batch64 32 --batch256 16 >"$OUT/pggan-step.json" \
+     2>"$OUT/pggan-step.log"; then
+  fig=$($PY -c "
+import json; r=json.load(open('$OUT/pggan-step.json'))
+ips={k: v.get('images_per_sec') for k, v in r['results'].items() if k.endswith('wgan_gp')}
+print(' | '.join(f'{k.split(\"_\")[0]} {v} img/s' for k, v in ips.items()), '| double bw', r['double_backward_share_of_step'])")
+  line pggan-step "$fig" PASS
+else line pggan-step "$(tail -1 "$OUT/pggan-step.log" | cut -c1-58)" FAIL; fi
 
 # -- profile ---------------------------------------------------------------------------------------
 if timeout 200 $PY tools/profile_sampling.py recipes/nvae/celebahq256.yaml --batch-sizes 1,8 --repeats 3 \

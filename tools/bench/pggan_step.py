@@ -8,6 +8,8 @@ that the penalty costs, measured against the same step without it in the same ru
                G: G(z), D frozen, -D(G(z)), Adam; the EMA of G (beta 0.999)
     baseline   the same step with the penalty left out (a plain WGAN step): the difference is the
                penalty's cost (its extra D forward, the first backward and the double backward)
+    no_double  the step with the penalty's forward and gradient computed but not trained through
+               (create_graph off, the term detached): the difference to `step` is the double backward
 
 Networks for a 256 px target, run at the stable phase (alpha = 1) of level 6 (64 px) and 8 (256 px);
 torch.optim.Adam on the bare modules (the trainer's engines add little: tools/bench/engine_overhead.py),
@@ -29,13 +31,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from child import run_child, timed_steps  # noqa: E402
 
 
-def child(resolution: int, batch: int, penalty: bool, steps: int) -> dict:
+def child(resolution: int, batch: int, penalty: str, steps: int) -> dict:
+    """penalty: wgan_gp (the step), no_double (the penalty without its double backward), no_penalty."""
     sys.path.insert(0, str(ROOT))
     import math
 
     import torch
 
-    from framework.models.pggan import Discriminator, Generator, d_loss, g_loss
+    from framework.models.pggan import Discriminator, Generator, d_loss, g_loss, gradient_norms
     from framework.models.pggan.loss import _fp32
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -52,11 +55,16 @@ def child(resolution: int, batch: int, penalty: bool, steps: int) -> dict:
         z = torch.randn(batch, 512, generator=gen).to(dev)
         with torch.no_grad():
             fake = g(z, level, 1.0)
-        if penalty:
-            loss, _ = d_loss(d, real, fake, torch.rand(batch, generator=gen).to(dev), level, 1.0)
+        u = torch.rand(batch, generator=gen).to(dev)
+        if penalty == "wgan_gp":
+            loss, _ = d_loss(d, real, fake, u, level, 1.0)
         else:
             rs, fs = _fp32(d(real, level, 1.0)), _fp32(d(fake, level, 1.0))
             loss = (fs - rs + 0.001 * rs.pow(2)).mean()
+            if penalty == "no_double":
+                mixed = torch.lerp(real, fake, u.view(-1, 1, 1, 1))
+                norms = gradient_norms(d, mixed, level, 1.0, create_graph=False)
+                loss = loss + 10 * (norms.detach() - 1).pow(2).mean()
         opt_d.zero_grad(set_to_none=True)
         loss.backward()
         opt_d.step()
@@ -76,7 +84,7 @@ def child(resolution: int, batch: int, penalty: bool, steps: int) -> dict:
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         _, _, res, batch, penalty, steps = sys.argv
-        print(json.dumps(child(int(res), int(batch), penalty == "1", int(steps))))
+        print(json.dumps(child(int(res), int(batch), penalty, int(steps))))
         return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up (default 2)")
@@ -85,16 +93,17 @@ def main() -> None:
     ap.add_argument("--memory-limit-gib", type=float, default=22.0)
     ap.add_argument("--timeout", type=int, default=3600)
     a = ap.parse_args()
-    results, shares = {}, {}
+    results, shares, double = {}, {}, {}
     for res, batch in ((64, a.batch64), (256, a.batch256)):
-        for penalty in (True, False):
-            key = f"{res}px_b{batch}_{'wgan_gp' if penalty else 'no_penalty'}"
-            results[key] = run_child([sys.executable, __file__, "--child", str(res), str(batch), str(int(penalty)),
+        for penalty in ("wgan_gp", "no_double", "no_penalty"):
+            key = f"{res}px_b{batch}_{penalty}"
+            results[key] = run_child([sys.executable, __file__, "--child", str(res), str(batch), penalty,
                                       str(a.steps)], a.memory_limit_gib, a.timeout)
             print(f"{key}: {results[key]}", file=sys.stderr, flush=True)
-        full, plain = results[f"{res}px_b{batch}_wgan_gp"], results[f"{res}px_b{batch}_no_penalty"]
-        if "error" not in full and "error" not in plain:
+        full, mid, plain = (results[f"{res}px_b{batch}_{k}"] for k in ("wgan_gp", "no_double", "no_penalty"))
+        if not any("error" in r for r in (full, mid, plain)):
             shares[f"{res}px"] = round(1 - plain["sec_per_step"] / full["sec_per_step"], 3)
+            double[f"{res}px"] = round(1 - mid["sec_per_step"] / full["sec_per_step"], 3)
     import torch
 
     from framework.models.pggan import Discriminator, Generator, channel_table
@@ -109,7 +118,7 @@ def main() -> None:
                      "statistic": "median step time", "device": "cuda" if torch.cuda.is_available() else "cpu",
                      "threads": int(os.environ.get("OMP_NUM_THREADS", os.cpu_count())), "torch": torch.__version__,
                      "machine": platform.processor() or platform.machine()},
-        "results": results, "gradient_penalty_share_of_step": shares}))
+        "results": results, "gradient_penalty_share_of_step": shares, "double_backward_share_of_step": double}))
 
 
 if __name__ == "__main__":
