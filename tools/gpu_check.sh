@@ -2,7 +2,7 @@
 # What holds on a CUDA machine, in under 5 minutes on one GPU: no arguments, nothing to set up
 # beyond `make setup`. One line per check: its name, its figure, PASS / FAIL / SKIP; the logs
 # of every check stay in $GPU_CHECK_DIR (default: a fresh temporary folder, printed first).
-# (Its train-1, resume-1, train-2 and vqgan blocks were run on a CPU with gloo; the rest needs CUDA.)
+# (Its train-1, resume-1, train-2, vqgan and pggan blocks were run on a CPU with gloo; the rest needs CUDA.)
 #
 #   device-map   the CUDA process group (cpu:gloo,cuda:nccl): all-reduce of a CPU and a CUDA tensor,
 #                an object broadcast, through framework.distributed's helpers
