@@ -1,0 +1,91 @@
+"""IMLE's exact nearest-neighbour search: for every GLO code, the nearest of the mapped noise
+samples under L2 (the official icp.py: faiss.IndexFlatL2 over the samples, searched with the codes).
+
+Both backends find candidates in float32 — FAISS's flat index (`faiss-cpu`; its GPU index is not
+used: a flat search is one matrix product either way) or chunked torch matrix products (on the
+codes' device, no extra dependency) — then re-rank each code's `refine` best candidates in
+float64, ties to the lowest sample index. So the two backends give the same assignment (a float32
+near-tie can order two candidates either way; the float64 re-ranking settles it the same way), and
+it is the brute-force float64 answer unless the true nearest sample is not among a code's
+`refine` float32 candidates, which would need a float32 error larger than the gap to the
+`refine`-th candidate.
+
+Across ranks: rank r searches the codes r, r + W, r + 2W, ... against all samples (every rank holds
+them: they are drawn from seeded noise) and the answers are gathered back into code order; each
+code's answer is computed the same way on any world size, so the assignment does not depend on it.
+"""
+from __future__ import annotations
+
+import torch
+
+from ... import distributed as dist
+
+
+def faiss_available() -> bool:
+    try:
+        import faiss  # noqa: F401  (only whether it imports)
+    except ImportError:
+        return False
+    return True
+
+
+def _candidates_torch(queries: torch.Tensor, points: torch.Tensor, k: int, chunk: int) -> torch.Tensor:
+    q, p = queries.float(), points.float()
+    pn = p.pow(2).sum(1)
+    out = []
+    for i in range(0, len(q), chunk):
+        qc = q[i:i + chunk]
+        d2 = pn.unsqueeze(0) - 2.0 * (qc @ p.T)  # |q|^2 is the same along a row: left out
+        out.append(d2.topk(k, dim=1, largest=False).indices)
+    return torch.cat(out) if out else torch.zeros(0, k, dtype=torch.long, device=queries.device)
+
+
+def _candidates_faiss(queries: torch.Tensor, points: torch.Tensor, k: int) -> torch.Tensor:
+    import faiss
+    import numpy as np
+
+    index = faiss.IndexFlatL2(points.shape[1])
+    index.add(np.ascontiguousarray(points.detach().float().cpu().numpy()))
+    _, idx = index.search(np.ascontiguousarray(queries.detach().float().cpu().numpy()), k)
+    return torch.from_numpy(idx).to(queries.device)
+
+
+def nearest(queries: torch.Tensor, points: torch.Tensor, backend: str = "torch", refine: int = 8,
+            chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """(index of the nearest point of each query, its squared distance in float64)."""
+    if len(points) == 0:
+        raise ValueError("nearest: no points to search")
+    k = min(refine, len(points))
+    with torch.no_grad():
+        if backend == "faiss":
+            cand = _candidates_faiss(queries, points, k)
+        elif backend == "torch":
+            cand = _candidates_torch(queries, points, k, chunk)
+        else:
+            raise ValueError(f"nearest: backend {backend!r} (torch or faiss)")
+        cand = cand.sort(dim=1).values  # ascending sample index: the first of equal distances wins
+        d2 = (points.double()[cand] - queries.double().unsqueeze(1)).pow(2).sum(-1)
+        best = d2.argmin(dim=1)  # the first minimum
+        rows = torch.arange(len(queries), device=queries.device)
+        return cand[rows, best], d2[rows, best]
+
+
+def sharded_nearest(codes: torch.Tensor, samples: torch.Tensor, backend: str = "torch", refine: int = 8,
+                    chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """`nearest` over the ranks: this rank searches its codes (rows rank::world) against all
+    samples; every rank gets the whole assignment, in code order."""
+    world, rank = dist.world_size(), dist.rank()
+    n = len(codes)
+    per = -(-n // world)  # ceil: every rank gathers the same number of rows (padded)
+    mine = torch.arange(rank, n, world, device=codes.device)
+    idx, d2 = nearest(codes[mine], samples, backend, refine, chunk)
+    pad = per - len(mine)
+    if pad:
+        idx = torch.cat([idx, idx.new_full((pad,), -1)])
+        d2 = torch.cat([d2, d2.new_zeros(pad)])
+    all_idx = dist.all_gather_cat(idx).view(world, per)
+    all_d2 = dist.all_gather_cat(d2).view(world, per)
+    # rank r's j-th row is code r + j * world
+    order_idx = all_idx.T.reshape(-1)[:n]
+    order_d2 = all_d2.T.reshape(-1)[:n]
+    return order_idx, order_d2
