@@ -136,8 +136,29 @@ class Engine:
         """Sets the learning rate of `step`: `lr` when given, else the recipe's schedule."""
         lr = lr_at(step, self.cfg, self.total_steps) if lr is None else float(lr)
         for g in self.ds.optimizer.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g.get("lr_scale", 1.0)  # a group's own multiple (GLO: the generator's 0.1)
         return lr
+
+    @torch.no_grad()
+    def edit_(self, param: torch.nn.Parameter, fn) -> None:
+        """Replaces a parameter's value by fn(its whole fp32 value) between steps, on every ZeRO stage
+        and precision: the optimizer's fp32 master (ZeRO-1/2/3, bf16) and the module's copy both
+        change, on every rank (GLO's projection of the codes onto the sphere). Call on every rank."""
+        from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+
+        if hasattr(param, "ds_id"):  # ZeRO-3: a partition here, the fp32 master in the optimizer
+            import deepspeed
+
+            new = fn(safe_get_full_fp32_param(param))
+            safe_set_full_fp32_param(param, new)
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+                param.data.copy_(new.to(param.dtype))
+        elif hasattr(param, "_hp_mapping"):  # ZeRO-1/2 or DeepSpeed's bf16 optimizer
+            new = fn(safe_get_full_fp32_param(param))
+            safe_set_full_fp32_param(param, new)
+            param.data.copy_(new.to(param.dtype))
+        else:  # the torch optimizer holds the module's parameters
+            param.data.copy_(fn(param.data.float()).to(param.dtype))
 
     def reset_optimizer_state(self) -> None:
         """Forgets the optimizer's moments (re-created at the next update), as PGGAN does at each new

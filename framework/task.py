@@ -206,6 +206,11 @@ class Task:
         """True to clear engine `name`'s optimizer state before `step` (PGGAN's new resolution)."""
         return False
 
+    def after_step(self, step: int, engines: dict) -> None:
+        """Called on every rank after step `step`'s updates (and before its EMA, evaluation and
+        checkpoint): a family's edit of its weights between steps, through
+        `engines[name].edit_(param, fn)` (GLO's codes projected onto the sphere after each epoch)."""
+
     def prepare_batch(self, batch: dict, ctx: StepContext):
         """What the loader read (field name -> this micro-batch's tensor, on the CPU) -> the input
         `loss` and `evaluate` receive. Default: the images as floats in [-1, 1] on the device,

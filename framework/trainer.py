@@ -531,6 +531,7 @@ class Trainer:
                     record[f"{prefix}grad_norm"] = decision.grad_norm
                     if decision.skip:
                         skipped.append(f"{name}:{decision.reason}")
+                self.task.after_step(s, self.engines)
                 self.step = s + 1
                 if skipped:
                     self.skipped_total += 1

@@ -78,17 +78,18 @@ def train_cmd(recipe: str, overrides: list[str], nproc: int = 1) -> list[str]:
             f"--master_port={free_port()}", "-m", "framework.train", recipe, *overrides]
 
 
-def run_train(recipe: str, overrides: list[str], nproc: int = 1, timeout: int = 600, check: bool = True):
-    p = subprocess.run(train_cmd(recipe, overrides, nproc), cwd=REPO, env=env(), capture_output=True, text=True,
-                       timeout=timeout)
+def run_train(recipe: str, overrides: list[str], nproc: int = 1, timeout: int = 600, check: bool = True,
+              extra_env: dict | None = None):
+    p = subprocess.run(train_cmd(recipe, overrides, nproc), cwd=REPO, env={**env(), **(extra_env or {})},
+                       capture_output=True, text=True, timeout=timeout)
     if check and p.returncode != 0:
         raise AssertionError(f"training failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}")
     return p
 
 
-def start_train(recipe: str, overrides: list[str], nproc: int = 1) -> subprocess.Popen:
-    return subprocess.Popen(train_cmd(recipe, overrides, nproc), cwd=REPO, env=env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+def start_train(recipe: str, overrides: list[str], nproc: int = 1, extra_env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen(train_cmd(recipe, overrides, nproc), cwd=REPO, env={**env(), **(extra_env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
 def kill9(proc: subprocess.Popen) -> None:
