@@ -106,6 +106,7 @@ bench: setup data/mnist5k.beton
 	$(PY) tools/bench/prior_sampling.py
 	$(PY) tools/bench/fid.py
 	$(PY) tools/bench/pggan_step.py
+	$(PY) tools/bench/imle_search.py
 
 clean-runs:
 	rm -rf runs

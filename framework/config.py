@@ -43,7 +43,7 @@ class DataConfig:
 
 @dataclass
 class OptimizerConfig:
-    name: str = "adamw"  # adamw | adamax
+    name: str = "adamw"  # adamw | adamax | adam (L2 weight decay in the gradient, as torch.optim.Adam)
     lr: float = 1e-3
     # > 0: lr = lr_per_image x the global batch (batch_size x world x grad_accum), as taming's
     # main.py scales its base_learning_rate; replaces lr
@@ -255,7 +255,7 @@ CHOICES = {
     "engine.precision": ("fp32", "bf16", "fp16"),
     "engine.zero_stage": (0, 1, 2, 3),
     "engine.activation_checkpointing": ("none", "blocks"),
-    "engine.optimizer.name": ("adamw", "adamax"),
+    "engine.optimizer.name": ("adamw", "adamax", "adam"),
     "engine.schedule.decay": ("cosine", "constant"),
     "train.resume_changed": ("refuse", "allow"),
 }

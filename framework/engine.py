@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 
 from .errors import UserError
 
-OPTIMIZERS = {"adamw": torch.optim.AdamW, "adamax": torch.optim.Adamax}
+OPTIMIZERS = {"adamw": torch.optim.AdamW, "adamax": torch.optim.Adamax, "adam": torch.optim.Adam}
 
 
 @dataclass

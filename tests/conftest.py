@@ -205,3 +205,27 @@ def digit_features():
             return self.body(x[:, :1].float() / 255)
 
     return DigitFeatures()
+
+
+def digit_frechet(models: dict, n: int = 500, on_load=None) -> dict:
+    """name -> (run, checkpoint or recipe, its overrides): the Fréchet distance of n samples (t = 1)
+    against the bundled digits' training split, in digit_features()'s space (the tests' stand-in for
+    Inception); on_load(name, loaded) may check each loaded model first."""
+    from framework.data.loader import BetonInfo
+    from framework.distributed import detect
+    from framework.eval import fid as F
+    from framework.eval.checkpoints import load
+
+    net, e, info = digit_features(), detect({}), BetonInfo(MNIST_BETON)
+    ref = F.stats_of(F.image_features(info, info.ids("train"), net, e, 1, 250, progress=False))
+    scores = {}
+    for name, (path, overrides) in models.items():
+        loaded = load(path, overrides=list(overrides))
+        if on_load is not None:
+            on_load(name, loaded)
+        fake, _ = F.sample_features(n, lambda b, g: loaded.task.sample(b, 1.0, g, loaded.ctx(b)), net, e, 100,
+                                    progress=False)
+        s = F.stats_of(fake)
+        scores[name] = F.frechet_distance(s.mu, s.sigma, ref.mu, ref.sigma)
+    print("digit-classifier Frechet distances:", scores)
+    return scores

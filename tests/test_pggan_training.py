@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import (MNIST_BETON, REPO, assert_same_losses, digit_features, env, kill9, metrics, run_train,
+from conftest import (MNIST_BETON, REPO, assert_same_losses, digit_frechet, env, kill9, metrics, run_train,
                       start_train, wait_for)
 
 PGGAN = str(REPO / "recipes" / "pggan" / "mnist5k_smoke.yaml")
@@ -111,28 +111,17 @@ def test_the_smoke_recipe_grows_to_32_px_and_its_samples_approach_the_digits(tmp
     """The whole smoke recipe (21,000 images, 4 -> 32 px). Measured here (2-core CPU, 500 EMA samples
     against the training split, Frechet distance of the digit classifier's features): trained 252,
     untrained 4,376 (held-out real digits: 2.5, tests/test_fid.py)."""
-    from framework.data.loader import BetonInfo
-    from framework.distributed import detect
-    from framework.eval import fid as F
-    from framework.eval.checkpoints import load
-
     d = tmp_path / "run"
     run_train(PGGAN, [f"run.dir={d}", f"data.path={MNIST_BETON}", "train.progress=false"])
     rows = [m for m in metrics(d) if "loss" in m]
     faded = {m["resolution"] for m in rows if m["alpha"] < 1}
     assert faded == {8.0, 16.0, 32.0} and (rows[-1]["resolution"], rows[-1]["alpha"]) == (32.0, 1.0)
     assert (d / "samples" / "step_00000841.png").exists()
-    net, e, info = digit_features(), detect({}), BetonInfo(MNIST_BETON)
-    ref = F.stats_of(F.image_features(info, info.ids("train"), net, e, 1, 250, progress=False))
-    scores = {}
-    for name, path, over in (("trained", d, ()), ("untrained", PGGAN, [f"data.path={MNIST_BETON}"])):
-        loaded = load(path, overrides=over)
-        assert loaded.task.current(0) == (5, 1.0)  # 32 px: the phase the checkpoint recorded / the target
-        fake, _ = F.sample_features(500, lambda b, g: loaded.task.sample(b, 1.0, g, loaded.ctx(b)), net, e, 100,
-                                    progress=False)
-        s = F.stats_of(fake)
-        scores[name] = F.frechet_distance(s.mu, s.sigma, ref.mu, ref.sigma)
-    print("digit-classifier Frechet distances:", scores)
+
+    def at_32_px(name, loaded):  # the phase the checkpoint recorded / the target of untrained weights
+        assert loaded.task.current(0) == (5, 1.0)
+
+    scores = digit_frechet({"trained": (d, ()), "untrained": (PGGAN, [f"data.path={MNIST_BETON}"])}, on_load=at_32_px)
     assert scores["trained"] < 0.25 * scores["untrained"], scores
 
 

@@ -23,7 +23,7 @@ import torch
 from ...config import AT_LEAST_1, POSITIVE, Range
 from ...errors import UserError
 from ...task import Task as BaseTask
-from .networks import DeepGenerator, Generator, LatentTable
+from .networks import DeepGenerator, Generator, LatentTable, Mapping
 from .perceptual import VGGDistance
 
 
@@ -38,17 +38,36 @@ class GLOConfig:
 
 
 @dataclass
+class IMLEConfig:
+    noise: int = 32  # the noise's dimension (official icp dim)
+    hidden: int = 128  # T's hidden width (official _netT)
+    samples_per_code: int = 2  # mapped samples drawn per code at each refresh (official: 2 x the codes)
+    refresh_every: int = 0  # steps between nearest-neighbour searches; 0: once an epoch (official)
+    lr: float = 1.0e-3
+    weight_decay: float = 1.0e-5  # torch.optim.Adam's (L2 in the gradient), as official
+    decay_epochs: int = 50
+    decay_rate: float = 0.5
+    backend: str = "auto"  # auto (faiss when it imports, else torch) | faiss | torch
+    refine: int = 8  # float32 candidates re-ranked in float64 per code
+
+
+@dataclass
 class ModelConfig:
     family: str = "glann"
-    stage: str = "glo"  # glo (imle, imle_pixels: not built yet)
+    stage: str = "glo"  # glo | imle (imle_pixels: not built yet)
+    glo_run: str = ""  # imle: the GLO run (or checkpoint) whose codes and generator it uses
     nz: int = 64
     generator: str = "dcgan"  # dcgan: the official 28-64 px generator | deep: ours, 128-256 px
     do_bn: bool = False  # BatchNorm in the dcgan generator (official: true for MNIST, false for CIFAR-10)
     glo: GLOConfig = field(default_factory=GLOConfig)
+    imle: IMLEConfig = field(default_factory=IMLEConfig)
 
 
 RANGES = {"nz": AT_LEAST_1, "glo.lr": POSITIVE, "glo.factor": POSITIVE, "glo.decay_epochs": AT_LEAST_1,
-          "glo.decay_rate": Range(0, 1, lo_open=True)}
+          "glo.decay_rate": Range(0, 1, lo_open=True), "imle.noise": AT_LEAST_1, "imle.hidden": AT_LEAST_1,
+          "imle.samples_per_code": AT_LEAST_1, "imle.refresh_every": Range(0), "imle.lr": POSITIVE,
+          "imle.weight_decay": Range(0), "imle.decay_epochs": AT_LEAST_1, "imle.decay_rate": Range(0, 1, lo_open=True),
+          "imle.refine": AT_LEAST_1}
 
 
 class GLO(torch.nn.Module):
@@ -67,18 +86,22 @@ def _unit_rows(w: torch.Tensor) -> torch.Tensor:
 
 
 class Task(BaseTask):
-    fields = ("image", "index")
-    main = "glo"
+    """The family's task: GLOTask or IMLETask by model.stage."""
+
+    def __new__(cls, recipe, env):
+        if cls is Task:
+            stages = {"glo": GLOTask, "imle": IMLETask}
+            if recipe.model.stage not in stages:
+                raise UserError(f"key 'model.stage' is {recipe.model.stage!r}; expected glo or imle "
+                                f"(imle_pixels is not built yet: issue 15)")
+            cls = stages[recipe.model.stage]
+        return super().__new__(cls)
 
     def __init__(self, recipe, env):
         super().__init__(recipe, env)
         from ...data.loader import BetonInfo
 
-        m, d = recipe.model, recipe.data
-        if m.stage != "glo":
-            raise UserError(f"key 'model.stage' is {m.stage!r}; only glo is built so far (issue 15)")
-        if m.glo.loss not in ("vgg", "l1"):
-            raise UserError(f"key 'model.glo.loss' is {m.glo.loss!r}; expected vgg or l1")
+        d = recipe.data
         info = BetonInfo(d.path)
         train = info.ids("train")
         self.num_codes = len(train)
@@ -86,13 +109,38 @@ class Task(BaseTask):
         self.row_of[train] = np.arange(len(train))
         global_batch = d.batch_size * env.world_size * recipe.engine.grad_accum
         self.steps_per_epoch = max(1, len(train) // global_batch)
-        if m.generator == "dcgan":
-            g = Generator(m.nz, d.resolution, d.channels, m.do_bn)
-        elif m.generator == "deep":
-            g = DeepGenerator(m.nz, d.resolution, d.channels)
-        else:
-            raise UserError(f"key 'model.generator' is {m.generator!r}; expected dcgan or deep")
-        self.glo = GLO(LatentTable(self.num_codes, m.nz), g)
+
+    def rows(self, batch, ctx) -> torch.Tensor:
+        rows = torch.from_numpy(self.row_of[batch["index"].numpy()]).to(ctx.device)
+        if (rows < 0).any():
+            raise ValueError("GLANN: a batch holds an image outside the training split (it has no code)")
+        return rows
+
+    def epoch(self, step: int) -> int:
+        return step // self.steps_per_epoch
+
+    def sample(self, n, temperature, generator, ctx):
+        raise NotImplementedError
+
+
+def build_generator(m, d) -> torch.nn.Module:
+    if m.generator == "dcgan":
+        return Generator(m.nz, d.resolution, d.channels, m.do_bn)
+    if m.generator == "deep":
+        return DeepGenerator(m.nz, d.resolution, d.channels)
+    raise UserError(f"key 'model.generator' is {m.generator!r}; expected dcgan or deep")
+
+
+class GLOTask(Task):
+    fields = ("image", "index")
+    main = "glo"
+
+    def __init__(self, recipe, env):
+        super().__init__(recipe, env)
+        m, d = recipe.model, recipe.data
+        if m.glo.loss not in ("vgg", "l1"):
+            raise UserError(f"key 'model.glo.loss' is {m.glo.loss!r}; expected vgg or l1")
+        self.glo = GLO(LatentTable(self.num_codes, m.nz), build_generator(m, d))
         self.distance = (VGGDistance(m.glo.vgg_weights, "model.glo.vgg_weights", d.resolution)
                          if m.glo.loss == "vgg" else None)
 
@@ -111,9 +159,6 @@ class Task(BaseTask):
                               "eps": 1e-8, "weight_decay": 0.0},
                 "schedule": {"warmup_steps": 0, "decay": "constant"}}
 
-    def epoch(self, step: int) -> int:
-        return step // self.steps_per_epoch
-
     def lr(self, name, step):
         g = self.recipe.model.glo
         return g.lr * g.decay_rate ** (self.epoch(step) // g.decay_epochs)
@@ -129,10 +174,7 @@ class Task(BaseTask):
         from ...data import to_model_input
 
         x = to_model_input(batch["image"], self.recipe.data.num_bits, ctx.device, ctx.dtype)
-        rows = torch.from_numpy(self.row_of[batch["index"].numpy()]).to(ctx.device)
-        if (rows < 0).any():
-            raise ValueError("GLO: a batch holds an image outside the training split (it has no code)")
-        return x, rows
+        return x, self.rows(batch, ctx)
 
     def loss(self, name, batch, ctx):
         x, rows = batch
@@ -160,3 +202,141 @@ class Task(BaseTask):
 
     def example_forward(self, name, module, batch, device):
         module(torch.zeros(batch, dtype=torch.long, device=device))
+
+
+class IMLETask(Task):
+    """IMLE in GLO's latent space (the official icp.py): T maps noise to codes. Every
+    `imle.refresh_every` steps (default: an epoch) every rank draws the same samples_per_code x N
+    noise vectors (seeded by the run's seed and the refresh round), maps them with T in training
+    mode in chunks of the global batch (BatchNorm's statistics per chunk, as the official loop maps
+    batch by batch), and finds for each code its exact nearest mapped sample (search.py, the codes
+    sharded over the ranks); the steps until the next refresh pull T(noise of code i's sample)
+    towards code i (mean squared error), over the codes in the loader's sharded order. The
+    assignment (the round, each code's noise and sample index, the mean squared distance) is the
+    task's state: a resumed run continues exactly. The GLO run's codes and generator are frozen
+    modules; samples are G(T(e)), e ~ N(0, t^2 I)."""
+
+    fields = ("index",)
+    main = "mapping"
+
+    def __init__(self, recipe, env):
+        super().__init__(recipe, env)
+        m = recipe.model
+        if not m.glo_run:
+            raise UserError("key 'model.glo_run' is empty: the IMLE stage needs the GLO run whose codes it models")
+        self.cfg = m.imle
+        if self.cfg.backend not in ("auto", "faiss", "torch"):
+            raise UserError(f"key 'model.imle.backend' is {self.cfg.backend!r}; expected auto, faiss or torch")
+        from .search import faiss_available
+
+        self.backend = ("faiss" if faiss_available() else "torch") if self.cfg.backend == "auto" else self.cfg.backend
+        if self.backend == "faiss" and not faiss_available():
+            raise UserError("key 'model.imle.backend' is faiss but faiss does not import (pip install faiss-cpu)")
+        self.glo_loaded = self._load_glo(m.glo_run)
+        glo = self.glo_loaded.modules["glo"]
+        self.nz = glo.table.emb.weight.shape[1]
+        self.mapping = Mapping(self.cfg.noise, self.nz, self.cfg.hidden)
+        self.refresh_every = self.cfg.refresh_every or self.steps_per_epoch
+        self.round = -1
+        self.noise = None  # (N, noise): each code's assigned noise
+        self.index = None  # (N,): its sample's number in the round's draw
+        self.distance = float("nan")
+
+    def _load_glo(self, path):
+        from pathlib import Path
+
+        from ...eval.checkpoints import load
+
+        p = Path(path)
+        if not p.exists():
+            raise UserError(f"key 'model.glo_run': {p}: no such run or checkpoint folder")
+        with torch.random.fork_rng(devices=[]):  # the GLO task's construction must not move this run's streams
+            loaded = load(p, self.env, ema=False, overrides=["model.glo.loss=l1"], frozen=False)
+        if loaded.family != "glann" or loaded.recipe.model.stage != "glo":
+            raise UserError(f"key 'model.glo_run': {p} is a {loaded.family} run"
+                            f"{' (stage ' + loaded.recipe.model.stage + ')' if loaded.family == 'glann' else ''}, "
+                            f"not a GLANN GLO run")
+        n = loaded.modules["glo"].table.emb.weight.shape[0]
+        if n != self.num_codes:
+            raise UserError(f"key 'model.glo_run': {p} has codes for {n} images, {self.recipe.data.path} has "
+                            f"{self.num_codes} training images (another data set?)")
+        loaded.modules["glo"].requires_grad_(False)
+        loaded.modules["glo"].table.project_()  # the official codes are saved right after get_norm
+        return loaded
+
+    # -- the trainer's interface ----------------------------------------------------------------
+    def modules(self):
+        return {"mapping": self.mapping}
+
+    def frozen_modules(self):
+        return {"glo": self.glo_loaded.modules["glo"]}
+
+    def engine_overrides(self, name):
+        c = self.cfg
+        return {"optimizer": {"name": "adam", "lr": float(c.lr), "betas": [0.5, 0.999], "eps": 1e-8,
+                              "weight_decay": float(c.weight_decay)},
+                "schedule": {"warmup_steps": 0, "decay": "constant"}}
+
+    def lr(self, name, step):
+        c = self.cfg
+        return c.lr * c.decay_rate ** (self.epoch(step) // c.decay_epochs)
+
+    def reset_optimizer(self, name, step):
+        return step > 0 and step % self.steps_per_epoch == 0  # new optimizer every epoch, as official
+
+    def codes(self, ctx) -> torch.Tensor:
+        return ctx.module("glo").table.emb.weight.detach()
+
+    @torch.no_grad()
+    def refresh(self, step: int, ctx) -> None:
+        """The round of `step`: every rank draws and maps the same samples, the codes' nearest
+        ones are found over the ranks."""
+        from ...task import draw_base
+        from .search import sharded_nearest
+
+        codes = self.codes(ctx).float()
+        n, c = len(codes), self.cfg
+        total = c.samples_per_code * n
+        g = torch.Generator(device=ctx.device).manual_seed(draw_base(self.recipe.run.seed, 0x1E, step // self.refresh_every))
+        e = torch.randn(total, c.noise, generator=g, device=ctx.device)
+        t = ctx.module("mapping")
+        chunk = self.recipe.data.batch_size * self.env.world_size * self.recipe.engine.grad_accum
+        mapped = torch.cat([t(e[i:i + chunk].to(ctx.dtype)).float() for i in range(0, total, chunk)])
+        idx, d2 = sharded_nearest(codes, mapped, self.backend, c.refine)
+        self.round, self.noise, self.index = step // self.refresh_every, e[idx].cpu(), idx.cpu()
+        self.distance = float(d2.mean())
+
+    def prepare_batch(self, batch, ctx):
+        return self.rows(batch, ctx)
+
+    def loss(self, name, rows, ctx):
+        if ctx.micro == 0 and self.round != ctx.step // self.refresh_every:
+            self.refresh(ctx.step, ctx)
+        from ...task import Last
+
+        e = self.noise[rows.cpu()].to(ctx.device, ctx.dtype)
+        z = self.codes(ctx)[rows]
+        loss = torch.nn.functional.mse_loss(ctx.model("mapping")(e).float(), z.float())
+        return loss, {"nn_distance": Last(torch.tensor(self.distance)), "round": Last(torch.tensor(float(self.round)))}
+
+    def state_dict(self):
+        if self.noise is None:
+            return {}
+        return {"round": self.round, "noise": self.noise, "index": self.index, "distance": self.distance}
+
+    def load_state_dict(self, state):
+        if not state:
+            return
+        if len(state["noise"]) != self.num_codes:
+            raise ValueError(f"GLANN IMLE: the checkpoint's assignment covers {len(state['noise'])} codes, "
+                             f"this run has {self.num_codes}")
+        self.round, self.noise, self.index = int(state["round"]), state["noise"], state["index"]
+        self.distance = float(state["distance"])
+
+    def sample(self, n, temperature, generator, ctx):
+        e = temperature * torch.randn(n, self.cfg.noise, generator=generator, device=generator.device)
+        z = ctx.module("mapping")(e.to(ctx.device, ctx.dtype))
+        return ctx.module("glo").generator(z).float().clamp(0, 1)
+
+    def example_forward(self, name, module, batch, device):
+        module(torch.randn(batch, self.cfg.noise, device=device))
