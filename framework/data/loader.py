@@ -19,6 +19,7 @@ resized from two threads at once.
 from __future__ import annotations
 
 import atexit
+import time
 import weakref
 from contextlib import contextmanager
 from pathlib import Path
@@ -79,11 +80,22 @@ def _start_epoch(loader):
 
 
 def _stop_epoch(it) -> None:
-    """Stops an FFCV epoch's thread (it sees the request when its output queue is full, within
-    0.5 s), waits for it, then frees its buffers."""
+    """Stops an FFCV epoch's thread and waits for it, then frees its buffers. The thread sees the
+    request when a put into its full output queue times out (0.5 s) — but at the end of its order
+    it puts its end marker without a timeout, and blocks for good if nobody reads: the queue is
+    drained while waiting, so that put goes through (an undrained one held every test process up
+    for the 120 s join timeout at exit)."""
+    from queue import Empty
+
     it.terminate_event.set()
-    if it.is_alive():
-        it.join(timeout=120)
+    deadline = time.monotonic() + 120
+    while it.is_alive() and time.monotonic() < deadline:
+        try:
+            while True:
+                it.output_queue.get_nowait()
+        except Empty:
+            pass
+        it.join(timeout=0.05)
     it.close()
     _LIVE_EPOCHS.discard(it)
 
