@@ -79,22 +79,6 @@ def test_each_image_keeps_its_own_code_on_a_sharded_shuffled_loader(beton, tmp_p
     assert torch.allclose(after[moved], want[moved], atol=2e-5), (after[moved] - want[moved]).abs().max()
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_the_codes_are_back_on_the_sphere_after_each_epoch(beton, tmp_path, stage):
-    d = tmp_path / "run"  # 268 images / 16 a step: epochs of 16 steps; the projection after step 16
-    run_train(RECIPE, tiny(beton, f"run.dir={d}", "train.steps=17", "train.checkpoint_every=16",
-                           f"engine.zero_stage={stage}"), nproc=2, extra_env=GLANN)
-    w16 = table(d, 16) if stage < 3 else None
-    if w16 is not None:
-        assert torch.allclose(w16.norm(dim=1), torch.ones(len(w16)), atol=1e-6)
-    from framework.eval.checkpoints import load  # any stage: the tools' loader assembles ZeRO-3 shards
-    w17 = _loaded_table(d, 17, load)
-    norms = w17.norm(dim=1)
-    # step 17 (the first of epoch 2, a fresh optimizer) moved its 16 codes; the rest stay unit exactly
-    assert ((norms - 1).abs() < 1e-6).sum() == len(w17) - 16
-    assert norms.min() > 0.5  # the moved ones start from the sphere, not from the tiny initial codes
-
-
 def _loaded_table(d, step, load):
     import os
 
@@ -119,11 +103,22 @@ def reference(beton, tmp_path_factory):
 
 
 @pytest.mark.parametrize("stage", [2, 3])
-def test_two_ranks_equal_one_rank_across_an_epoch_boundary(beton, reference, tmp_path, stage):
+def test_two_ranks_equal_one_rank_and_the_codes_return_to_the_sphere_after_each_epoch(beton, reference, tmp_path,
+                                                                                       stage):
+    """268 images / 16 a step: epochs of 16 steps, the projection after step 16, a fresh optimizer
+    at step 17; on ZeRO-3 the projection must reach the partitioned fp32 master too."""
     d = tmp_path / "run"
-    run_train(RECIPE, tiny(beton, f"run.dir={d}", "train.steps=18", f"engine.zero_stage={stage}"), nproc=2,
-              extra_env=GLANN)
+    run_train(RECIPE, tiny(beton, f"run.dir={d}", "train.steps=18", "train.checkpoint_every=16",
+                           f"engine.zero_stage={stage}"), nproc=2, extra_env=GLANN)
     assert_same_losses(reference, d, KEYS)
+    from framework.eval.checkpoints import load  # any stage: the tools' loader assembles ZeRO-3 shards
+
+    w16, w18 = _loaded_table(d, 16, load), _loaded_table(d, 18, load)
+    assert torch.allclose(w16.norm(dim=1), torch.ones(len(w16)), atol=1e-6)
+    norms = w18.norm(dim=1)
+    # steps 17 and 18 moved their 32 codes from the sphere; the rest stay unit exactly
+    assert ((norms - 1).abs() < 1e-6).sum() == len(w18) - 32
+    assert norms.min() > 0.5  # the moved ones start from the sphere, not from the tiny initial codes
 
 
 def test_killed_run_resumes_with_the_same_table(beton, reference, run_dir):
@@ -131,18 +126,26 @@ def test_killed_run_resumes_with_the_same_table(beton, reference, run_dir):
     args = tiny(beton, f"run.dir={run_dir}", "train.steps=18", "engine.zero_stage=0", "engine.grad_accum=2")
     proc = start_train(RECIPE, args + ["train.checkpoint_every=1", "train.debug.sleep_after_step_s=1"],
                        extra_env=GLANN)
-    wait_for(lambda: (ck / "step_00000015" / "trainer.json").exists(), proc)
+    wait_for(lambda: (ck / "step_00000005" / "trainer.json").exists(), proc)  # the epoch boundary is ahead
     kill9(proc)
+    assert not (ck / "step_00000016").exists()
     p = run_train(RECIPE, args + ["train.checkpoint_every=18"], extra_env=GLANN)
     assert "resumed from" in p.stdout
     assert_same_losses(reference, run_dir, KEYS, tol=0)
     assert torch.equal(table(run_dir, 18), table(reference, 18))
 
 
-def test_reconstructions_get_closer_to_their_images(beton, tmp_path):
-    """Measured here: reconstruction L1 (in [-1, 1]) 0.873 at step 1, 0.091 over steps 81-85 (5 epochs)."""
-    d = tmp_path / "run"
+@pytest.fixture(scope="module")
+def glo_run(beton, tmp_path_factory):
+    """A GLO run of 5 epochs (85 steps of 16) on the 268 training digits."""
+    d = tmp_path_factory.mktemp("glo_run") / "run"
     run_train(RECIPE, tiny(beton, f"run.dir={d}", "train.steps=85", "data.batch_size=16"), extra_env=GLANN)
+    return d
+
+
+def test_reconstructions_get_closer_to_their_images(glo_run):
+    """Measured here: reconstruction L1 (in [-1, 1]) 0.873 at step 1, 0.091 over steps 81-85 (5 epochs)."""
+    d = glo_run
     rows = [m for m in metrics(d) if "rec_l1" in m]
     first, last = rows[0]["rec_l1"], np.mean([m["rec_l1"] for m in rows[-5:]])
     print({"rec_l1 first": first, "last 5": last})
@@ -154,14 +157,6 @@ def test_reconstructions_get_closer_to_their_images(beton, tmp_path):
 
 IMLE = str(REPO / "tests" / "glann_imle.yaml")
 IMLE_KEYS = ("loss", "nn_distance", "round", "lr")
-
-
-@pytest.fixture(scope="module")
-def glo_run(beton, tmp_path_factory):
-    """A GLO run of 5 epochs (85 steps of 16) on the 268 training digits."""
-    d = tmp_path_factory.mktemp("glo_run") / "run"
-    run_train(RECIPE, tiny(beton, f"run.dir={d}", "train.steps=85", "data.batch_size=16"), extra_env=GLANN)
-    return d
 
 
 def imle(beton, glo_run, *extra):
@@ -179,41 +174,22 @@ def imle_reference(beton, glo_run, tmp_path_factory):
 
 
 @pytest.mark.parametrize("stage", [2, 3])
-def test_imle_on_two_ranks_equals_one_rank(beton, glo_run, imle_reference, tmp_path, stage):
+def test_imle_on_two_ranks_equals_one_rank_and_finds_the_brute_force_nearest_samples(beton, glo_run, imle_reference,
+                                                                                     tmp_path, stage):
+    """Round 2 is searched at step 16 with T after 16 steps: recomputed here (ZeRO-2) from checkpoint
+    16's T, the seeded noise of round 2 mapped in chunks of the global batch, and a float64 brute force."""
     d = tmp_path / "run"
     run_train(IMLE, imle(beton, glo_run, f"run.dir={d}", "train.steps=20", "model.imle.refresh_every=8",
-                         f"engine.zero_stage={stage}"), nproc=2, extra_env=GLANN)
+                         "train.checkpoint_every=16", f"engine.zero_stage={stage}"), nproc=2, extra_env=GLANN)
     assert_same_losses(imle_reference, d, IMLE_KEYS)
     rounds = [m["round"] for m in metrics(d) if "round" in m]
     assert rounds == [0] * 8 + [1] * 8 + [2] * 4
-
-
-def test_the_checkpointed_assignment_is_each_codes_nearest_sample_and_resumes_exactly(beton, glo_run,
-                                                                                       imle_reference, run_dir):
-    ck = run_dir / "checkpoints"
-    args = imle(beton, glo_run, f"run.dir={run_dir}", "train.steps=20", "model.imle.refresh_every=8",
-                "engine.zero_stage=0", "engine.grad_accum=2")
-    proc = start_train(IMLE, args + ["train.checkpoint_every=1", "train.debug.sleep_after_step_s=1"],
-                       extra_env=GLANN)
-    wait_for(lambda: (ck / "step_00000011" / "trainer.json").exists(), proc)  # in the middle of round 1
-    kill9(proc)
-    state = torch.load(ck / "step_00000011" / "task_rank0.pt", weights_only=False)
-    assert state["round"] == 1 and state["noise"].shape == (268, 32) and state["index"].max() < 2 * 268
-    p = run_train(IMLE, args + ["train.checkpoint_every=20"], extra_env=GLANN)
-    assert "resumed from" in p.stdout
-    assert_same_losses(imle_reference, run_dir, IMLE_KEYS, tol=0)
-
-
-def test_the_assignment_is_the_brute_force_nearest_sample_on_two_ranks(beton, glo_run, tmp_path):
-    """Round 2 is searched at step 16 with T after 16 steps: recomputed here from checkpoint 16's
-    T, the seeded noise of round 2 mapped in chunks of the global batch, and a float64 brute force."""
+    if stage != 2:
+        return
     from framework.models.glann.networks import Mapping
     from framework.task import draw_base
 
-    d = tmp_path / "run"
-    run_train(IMLE, imle(beton, glo_run, f"run.dir={d}", "train.steps=17", "model.imle.refresh_every=8",
-                         "train.checkpoint_every=16", "engine.zero_stage=2"), nproc=2, extra_env=GLANN)
-    state = torch.load(d / "checkpoints" / "step_00000017" / "task_rank0.pt", weights_only=False)
+    state = torch.load(d / "checkpoints" / "step_00000020" / "task_rank0.pt", weights_only=False)
     t = Mapping(32, 64)
     t.load_state_dict(torch.load(d / "checkpoints" / "step_00000016" / "mapping" / "mp_rank_00_model_states.pt",
                                  map_location="cpu", weights_only=False)["module"])
@@ -228,6 +204,23 @@ def test_the_assignment_is_the_brute_force_nearest_sample_on_two_ranks(beton, gl
     assert state["round"] == 2 and torch.equal(state["index"], d2.argmin(1))
     assert torch.allclose(state["noise"], e[state["index"]])
     assert abs(state["distance"] - float(d2.min(1).values.mean())) < 1e-5
+
+
+def test_the_checkpointed_assignment_is_each_codes_nearest_sample_and_resumes_exactly(beton, glo_run,
+                                                                                       imle_reference, run_dir):
+    ck = run_dir / "checkpoints"
+    args = imle(beton, glo_run, f"run.dir={run_dir}", "train.steps=20", "model.imle.refresh_every=8",
+                "engine.zero_stage=0", "engine.grad_accum=2")
+    proc = start_train(IMLE, args + ["train.checkpoint_every=1", "train.debug.sleep_after_step_s=1"],
+                       extra_env=GLANN)
+    wait_for(lambda: (ck / "step_00000003" / "trainer.json").exists(), proc)  # in the middle of round 0
+    kill9(proc)
+    assert not (ck / "step_00000008").exists()
+    state = torch.load(ck / "step_00000003" / "task_rank0.pt", weights_only=False)
+    assert state["round"] == 0 and state["noise"].shape == (268, 32) and state["index"].max() < 2 * 268
+    p = run_train(IMLE, args + ["train.checkpoint_every=20"], extra_env=GLANN)
+    assert "resumed from" in p.stdout
+    assert_same_losses(imle_reference, run_dir, IMLE_KEYS, tol=0)
 
 
 def test_imle_pulls_the_mapped_samples_towards_the_codes(beton, glo_run, tmp_path):

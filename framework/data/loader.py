@@ -81,21 +81,23 @@ def _start_epoch(loader):
 
 def _stop_epoch(it) -> None:
     """Stops an FFCV epoch's thread and waits for it, then frees its buffers. The thread sees the
-    request when a put into its full output queue times out (0.5 s) — but at the end of its order
-    it puts its end marker without a timeout, and blocks for good if nobody reads: the queue is
-    drained while waiting, so that put goes through (an undrained one held every test process up
-    for the 120 s join timeout at exit)."""
+    request when a put into its full output queue times out (0.5 s); but at the end of its order it
+    puts its end marker without a timeout and blocks for good if nobody reads (an unread one held
+    every test process for the 120 s join timeout at exit). So after a grace period the queue is
+    read one batch at a time: that lets the end marker in, and a thread still mid-epoch decodes at
+    most a batch or two more before it sees the request (draining it all would decode the rest of
+    the epoch)."""
     from queue import Empty
 
     it.terminate_event.set()
     deadline = time.monotonic() + 120
+    it.join(timeout=1.0)
     while it.is_alive() and time.monotonic() < deadline:
         try:
-            while True:
-                it.output_queue.get_nowait()
+            it.output_queue.get_nowait()
         except Empty:
             pass
-        it.join(timeout=0.05)
+        it.join(timeout=0.6)
     it.close()
     _LIVE_EPOCHS.discard(it)
 
