@@ -260,13 +260,13 @@ def pggan_task(*overrides, world=1, recipe="mnist5k_smoke"):
 
 def test_a_checkpoints_phase_is_checked_against_the_schedule_on_resume():
     task = pggan_task()
-    task._trained = 500  # in the fade to 32 px
+    task._trained = 400  # in the fade to 32 px (steps 316-435)
     state = task.state_dict()
-    assert (state["resolution"], state["step"]) == (32, 500) and 0 < state["alpha"] < 1
+    assert (state["resolution"], state["step"]) == (32, 400) and 0 < state["alpha"] < 1
     same = pggan_task()
     same.load_state_dict(state)
     assert same.current(0) == (5, state["alpha"])
-    with pytest.raises(ValueError, match="stopped at step 500 with .* this recipe's schedule gives"):
+    with pytest.raises(ValueError, match="stopped at step 400 with .* this recipe's schedule gives"):
         pggan_task("model.schedule.fade_images=4000").load_state_dict(state)
     pggan_task("model.schedule.fade_images=4000", "train.resume_changed=allow").load_state_dict(state)
     pggan_task(world=2).load_state_dict(state)  # another world: batches round differently, not compared
@@ -277,8 +277,8 @@ def test_the_per_step_batches_and_learning_rates_reach_the_spine():
     task = pggan_task()
     b = task.global_batches(task.recipe.train.steps)
     assert b.tolist() == [p.batch for p in task.plan] and set(b.tolist()) == {32, 16}
-    assert task.lr("gen", 0) == task.lr("disc", 840) == 1e-3
-    resets = [s for s in range(1, 841) if task.reset_optimizer("gen", s)]
+    assert task.lr("gen", 0) == task.lr("disc", 558) == 1e-3
+    resets = [s for s in range(1, 559) if task.reset_optimizer("gen", s)]
     assert len(resets) == 6 and task.reset_optimizer("disc", resets[0])  # start and end of three fades
 
 
