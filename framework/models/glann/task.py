@@ -107,8 +107,8 @@ class Task(BaseTask):
         self.num_codes = len(train)
         self.row_of = np.full(info.num_images, -1, np.int64)
         self.row_of[train] = np.arange(len(train))
-        global_batch = d.batch_size * env.world_size * recipe.engine.grad_accum
-        self.steps_per_epoch = max(1, len(train) // global_batch)
+        self.global_batch = d.batch_size * env.world_size * recipe.engine.grad_accum
+        self.steps_per_epoch = max(1, len(train) // self.global_batch)
 
     def rows(self, batch, ctx) -> torch.Tensor:
         rows = torch.from_numpy(self.row_of[batch["index"].numpy()]).to(ctx.device)
@@ -300,7 +300,7 @@ class IMLETask(Task):
         g = torch.Generator(device=ctx.device).manual_seed(draw_base(self.recipe.run.seed, 0x1E, step // self.refresh_every))
         e = torch.randn(total, c.noise, generator=g, device=ctx.device)
         t = ctx.module("mapping")
-        chunk = self.recipe.data.batch_size * self.env.world_size * self.recipe.engine.grad_accum
+        chunk = self.global_batch
         mapped = torch.cat([t(e[i:i + chunk].to(ctx.dtype)).float() for i in range(0, total, chunk)])
         idx, d2 = sharded_nearest(codes, mapped, self.backend, c.refine)
         self.round, self.noise, self.index = step // self.refresh_every, e[idx].cpu(), idx.cpu()
