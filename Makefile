@@ -107,6 +107,7 @@ bench: setup data/mnist5k.beton
 	$(PY) tools/bench/fid.py
 	$(PY) tools/bench/pggan_step.py
 	$(PY) tools/bench/imle_search.py
+	$(PY) tools/bench/glo_table.py
 
 clean-runs:
 	rm -rf runs

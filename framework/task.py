@@ -262,6 +262,14 @@ class Samples(Protocol):
 
 
 @runtime_checkable
+class Interpolates(Protocol):
+    """Walks between two latent codes (or noise vectors): tools/sample.py's interpolation grid."""
+
+    def interpolate(self, pairs: int, steps: int, generator: torch.Generator, ctx: StepContext) -> torch.Tensor:
+        """pairs x steps images in [0, 1], row by row, each row from one end to the other."""
+
+
+@runtime_checkable
 class Visualizes(Protocol):
     """Pictures of a fixed validation batch (reconstructions), logged beside the samples."""
 
@@ -332,7 +340,8 @@ class CodePrior(Protocol):
         """codes -> images in [0, 1] through the first stage"""
 
 
-CAPABILITIES = {Samples: "draw samples", CodePrior: "model code grids", Codes: "encode images to codes", Visualizes: "show reconstructions", PriorSampling: "sample through a prior",
+CAPABILITIES = {Samples: "draw samples", CodePrior: "model code grids", Codes: "encode images to codes", Visualizes: "show reconstructions",
+                Interpolates: "interpolate between codes", PriorSampling: "sample through a prior",
                 BatchNormRecalibration: "recalibrate BatchNorm", FastSampling: "sample through a fast path",
                 ImportanceWeights: "give importance weights"}
 

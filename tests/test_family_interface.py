@@ -83,7 +83,7 @@ def tool(name, *args):
 
 
 @pytest.mark.parametrize("name,path,what,able", [
-    ("sample.py", "TOY_RUN", "cannot draw samples", "dcgan, nvae, pggan, prior, vae"),
+    ("sample.py", "TOY_RUN", "cannot draw samples", "dcgan, glann, nvae, pggan, prior, vae"),
     ("eval_bpd.py", "TOY_RUN", "cannot give importance weights or model code grids", "nvae, prior"),
     ("profile_sampling.py", VAE, "cannot sample through a prior or model code grids", "nvae, prior"),
     ("recalibrate_bn.py", "TOY_RUN", "cannot recalibrate BatchNorm", "nvae"),

@@ -1,8 +1,9 @@
-"""GLANN's parts (issue 15, in progress; not a registered family yet): the official GLO generator's
-parameter count and layer list, the latent table's init and projection onto the sphere, IMLE's
-mapping T, the official VGG distance against a literal re-run of its loop (random VGG16 weights,
-named as such), and the exact nearest-neighbour search (FAISS and the torch fallback against brute
-force, ties, 2 ranks = 1)."""
+"""GLANN's parts: the official GLO generator's parameter count and layer list, the latent table's
+init and projection onto the sphere, IMLE's mapping T, the official VGG distance against a literal
+re-run of its loop (random VGG16 weights, named as such), GLO's Laplacian-pyramid L1 against a
+scipy computation, LPIPS as an L2 between vectors (against the lpips package), and the exact
+nearest-neighbour searches (FAISS, the torch fallback and the streaming one against brute force,
+ties, 2 ranks = 1)."""
 import math
 import os
 import subprocess
@@ -15,8 +16,8 @@ from torch.nn import functional as F
 
 from conftest import REPO, env, free_port
 from framework.models.glann.networks import DeepGenerator, Generator, LatentTable, Mapping, unit
-from framework.models.glann.perceptual import LAYER_IDS, VGGDistance, levels_for
-from framework.models.glann.search import faiss_available, nearest
+from framework.models.glann.perceptual import LAYER_IDS, LaplacianL1, VGGDistance, laplacian_pyramid, levels_for
+from framework.models.glann.search import StreamingNearest, faiss_available, nearest
 
 
 def count(m: nn.Module) -> int:
@@ -148,6 +149,86 @@ def test_missing_vgg_weights_are_one_line(tmp_path):
 
 # -- nearest neighbours ----------------------------------------------------------------------------
 
+# -- GLO's Laplacian-pyramid L1 ------------------------------------------------------------------
+
+@pytest.mark.parametrize("size", [32, 28])
+def test_the_pyramid_collapses_back_to_the_image_and_flat_images_have_no_bands(size):
+    from framework.models.glann.perceptual import _expand
+
+    g = torch.Generator().manual_seed(size)
+    x = torch.rand(2, 3, size, size, generator=g, dtype=torch.float64)
+    pyr = laplacian_pyramid(x, 4)
+    assert [p.shape[-1] for p in pyr] == [size, size // 2, -(-size // 4), -(-size // 8)]
+    y = pyr[-1]
+    for band in reversed(pyr[:-1]):
+        y = band + _expand(y, band.shape)
+    assert torch.allclose(y, x, atol=1e-12)
+    flat = laplacian_pyramid(torch.full((1, 1, size, size), 0.3, dtype=torch.float64), 4)
+    assert all(b.abs().max() < 1e-12 for b in flat[:-1]) and torch.allclose(flat[-1], torch.tensor(0.3, dtype=torch.float64))
+
+
+def test_lap1_equals_a_scipy_computation():
+    """Burt & Adelson's REDUCE/EXPAND with scipy.ndimage (mirror = torch's reflect), weights 2^-2j."""
+    import numpy as np
+    from scipy import ndimage
+
+    k = np.array([1, 4, 6, 4, 1], np.float64) / 16
+    k2 = np.outer(k, k)
+
+    def pyramid(img, levels):
+        out, g = [], img
+        for _ in range(levels - 1):
+            down = ndimage.convolve(g, k2, mode="mirror")[::2, ::2]
+            up = np.zeros((2 * down.shape[0], 2 * down.shape[1]))
+            up[::2, ::2] = down
+            out.append(g - (4 * ndimage.convolve(up, k2, mode="mirror"))[:g.shape[0], :g.shape[1]])
+            g = down
+        return out + [g]
+
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.rand(3, 2, 32, 32, generator=gen, dtype=torch.float64), torch.rand(3, 2, 32, 32, generator=gen, dtype=torch.float64)
+    got = LaplacianL1(4)(a, b)
+    for i in range(3):
+        want = 0.0
+        for c in range(2):
+            pa, pb = pyramid(2 * a[i, c].numpy() - 1, 4), pyramid(2 * b[i, c].numpy() - 1, 4)
+            want += sum(4.0 ** -j * np.abs(x - y).mean() for j, (x, y) in enumerate(zip(pa, pb))) / 2
+        assert abs(got[i].item() - want) < 1e-10
+    assert LaplacianL1(4)(a, a).abs().max() == 0
+
+
+# -- LPIPS as a distance between vectors (pixel IMLE's search) -------------------------------------
+
+def test_lpips_is_the_squared_distance_between_its_vectors():
+    """Random VGG16 weights (none ship here), LPIPS's real heads; LPIPS itself equals the lpips
+    package (tests/test_vqgan.py), so nearest under these vectors is nearest under LPIPS."""
+    from framework.losses.lpips import LPIPS
+
+    torch.manual_seed(0)
+    ours = LPIPS("random")
+    g = torch.Generator().manual_seed(1)
+    x, y = 2 * torch.rand(4, 3, 32, 32, generator=g) - 1, 2 * torch.rand(4, 3, 32, 32, generator=g) - 1
+    e = ours.embed(torch.cat([x, y]))
+    assert e.shape == (8, 64 * 32 * 32 + 128 * 16 * 16 + 256 * 8 * 8 + 512 * 4 * 4 + 512 * 2 * 2)
+    direct = ours(x, y)
+    assert torch.allclose((e[:4] - e[4:]).pow(2).sum(1), direct, rtol=1e-4)
+
+
+def test_the_streaming_search_is_the_brute_force_one_with_ties_to_the_lowest_index():
+    g = torch.Generator().manual_seed(3)
+    q, p = torch.randn(700, 48, generator=g), torch.randn(1500, 48, generator=g)
+    p[1300] = p[int(brute_force(q[:1], p)[0])]  # a duplicate of query 0's nearest, in a later chunk
+    s = StreamingNearest(len(q), block=128)
+    s.set_queries(lambda rows: q[rows])
+    for _ in range(2):  # reset() starts a new round over the same queries
+        s.reset()
+        for i in range(0, len(p), 256):
+            s.add(p[i:i + 256])
+        idx, d2 = s.result()
+        assert torch.equal(idx, brute_force(q, p))
+        assert torch.allclose(d2, (q.double() - p.double()[idx]).pow(2).sum(1), rtol=1e-4)
+
+
 def brute_force(q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     d2 = (q.double().unsqueeze(1) - p.double().unsqueeze(0)).pow(2).sum(-1)
     return d2.argmin(1)
@@ -188,11 +269,19 @@ def test_faiss_and_torch_agree_on_near_ties():
 SHARDED = r"""
 import sys, torch
 from framework import distributed as dist
-from framework.models.glann.search import sharded_nearest
+from framework.models.glann.search import StreamingNearest, sharded_nearest
 env = dist.init()
 g = torch.Generator().manual_seed(0)
 codes, samples = torch.randn(1001, 32, generator=g), torch.randn(2002, 32, generator=g)
-idx, d2 = sharded_nearest(codes, samples, sys.argv[1], chunk=100)
+if sys.argv[1] == "stream":
+    s = StreamingNearest(len(codes), block=128)
+    s.set_queries(lambda rows: codes[rows])
+    s.reset()
+    for i in range(0, len(samples), 300):
+        s.add(samples[i:i + 300])
+    idx, d2 = s.result()
+else:
+    idx, d2 = sharded_nearest(codes, samples, sys.argv[1], chunk=100)
 if env.rank == 0:
     torch.save((idx, d2), sys.argv[2])
 dist.barrier()
@@ -201,7 +290,7 @@ dist.shutdown()
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS + ["stream"])
 def test_two_ranks_give_the_assignment_of_one(tmp_path, backend):
     script = tmp_path / "sharded.py"
     script.write_text(SHARDED)

@@ -11,6 +11,11 @@ A prior over codes (family prior) draws code grids and decodes them through its 
                                (e.g. 32,32 codes = 512 px from a 256 px model)
     --codes-out FILE.npz       also save the code grids (temperatures x n x H x W) and the settings
 
+A family that walks between latent codes (glann) also writes an interpolation grid:
+
+    --interpolations P         rows, each from one code (or noise vector) to another (default 8; 0: none)
+    --interp-steps S           images per row (default 8) -> RUN_DIR/samples/<checkpoint>_interp.png
+
 A stage-1 model (vqgan), which has no prior to sample from, gets a reconstruction grid instead:
 n validation images (spread over the split) in rows of 8, each row above its reconstruction through the codes
 (RUN_DIR/samples/<checkpoint>_recon-val.png).
@@ -51,15 +56,17 @@ def main(argv=None) -> int:
     p.add_argument("--grid", default="", help="H,W code grid (priors; default: the training grid)")
     p.add_argument("--codes-out", default="")
     p.add_argument("--first-stage", default="", help="decode with this stage-1 run instead of model.first_stage")
+    p.add_argument("--interpolations", type=int, default=8, help="interpolation rows (families with codes; 0: none)")
+    p.add_argument("--interp-steps", type=int, default=8)
     p.add_argument("--no-progress", action="store_true", help="(accepted for symmetry with the other tools)")
     a = p.parse_args(argv)
     from framework.config import Range, SEED, check_flags
 
     check_flags(a, {"n": Range(1, 4096), "seed": SEED, "top_k": Range(1), "top_p": Range(0, 1, lo_open=True),
-                    "guidance": Range(0)})
+                    "guidance": Range(0), "interpolations": Range(0, 4096), "interp_steps": Range(2, 64)})
     from framework.eval.checkpoints import finish, load
-    from framework.eval.sampling import check_temperatures, recon_grid, sample_grids
-    from framework.task import CodePrior, Codes, Samples, has
+    from framework.eval.sampling import check_temperatures, interpolation_grid, recon_grid, sample_grids
+    from framework.task import CodePrior, Codes, Interpolates, Samples, has
 
     temps = check_temperatures(floats(a.temperatures))
     loaded = load(a.path, ema=not a.no_ema, frozen=False)
@@ -76,10 +83,14 @@ def main(argv=None) -> int:
         return 0
     loaded.add_frozen()
     paths = sample_grids(loaded, a.n, temps, a.out or None, a.seed)
+    interp = (interpolation_grid(loaded, a.interpolations, a.interp_steps, a.out or None, a.seed)
+              if a.interpolations and has(loaded.task, Interpolates) else None)
     if loaded.env.is_main:
         print(loaded.describe())
         for t, path in zip(temps, paths):
             print(f"t={t:g}: {a.n} samples -> {path}")
+        if interp:
+            print(f"{a.interpolations} interpolations of {a.interp_steps} steps -> {interp}")
     finish(loaded.env)
     return 0
 

@@ -59,6 +59,24 @@ def sample_grids(loaded: Loaded, n: int, temps, out: str | None = None, seed: in
 
 
 @torch.no_grad()
+def interpolation_grid(loaded: Loaded, pairs: int, steps: int, out: str | None = None, seed: int = 0) -> Path:
+    """`pairs` rows of `steps` images, each row walking from one code (or noise vector) to another
+    in equal steps (the family's `interpolate`): RUN_DIR/samples/<checkpoint>_interp.png, or
+    <out stem>_interp.png beside --out."""
+    from ..task import Interpolates
+
+    require(loaded.task, Interpolates, f"{loaded.path}: sample.py --interpolations")
+    if pairs < 1 or steps < 2:
+        raise UserError(f"--interpolations must be >= 1 and --interp-steps >= 2, got {pairs} and {steps}")
+    first = grid_paths(loaded, [1.0], out)[0]
+    path = first.with_name(f"{Path(out).stem if out else loaded.path.name}_interp.png")
+    images = loaded.task.interpolate(pairs, steps, _generator(seed, 1), loaded.ctx(pairs * steps))
+    if loaded.env.is_main:
+        save_grid(images, path, nrow=steps)
+    return path
+
+
+@torch.no_grad()
 def recon_grid(loaded: Loaded, n: int, out: str | None = None, split: str = "val", nrow: int = 8) -> Path:
     """A stage-1 model's picture: n images spread evenly over the split in rows of `nrow`, each row
     followed by the row of their reconstructions (through the codes)."""

@@ -106,6 +106,19 @@ class LPIPS(nn.Module):
             total = total + getattr(self, f"lin{i}")((fx[i] - fy[i]).pow(2)).mean((2, 3))
         return total.squeeze(1)
 
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, D) vectors whose squared L2 distances are the LPIPS distances: the heads' weights are
+        non-negative (LPIPS trains them clamped), so d(x, y) = |e(x) - e(y)|^2 with e(x) the five
+        normalised maps scaled by sqrt(w_l / (H_l W_l)), flattened and concatenated (GLANN's pixel
+        IMLE searches nearest neighbours under LPIPS this way). D = sum_l C_l H_l W_l."""
+        parts = []
+        for i, f in enumerate(self.features(x)):
+            w = getattr(self, f"lin{i}").model[1].weight.view(1, -1, 1, 1)
+            if (w < 0).any():
+                raise ValueError("LPIPS.embed: a head has negative weights (not LPIPS's trained heads)")
+            parts.append((f * (w / (f.shape[2] * f.shape[3])).sqrt()).flatten(1))
+        return torch.cat(parts, 1)
+
     def _maybe_no_grad(self, t: torch.Tensor) -> list[torch.Tensor]:
         if t.requires_grad:
             return self.features(t)

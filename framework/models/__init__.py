@@ -21,6 +21,7 @@ FAMILIES = {
     "vqvae": "framework.models.vqvae",
     "prior": "framework.models.prior",
     "pggan": "framework.models.pggan",
+    "glann": "framework.models.glann",
 }
 
 

@@ -88,3 +88,54 @@ class VGGDistance(nn.Module):
         if not self.multiscale:
             return self._single(a, b, self.levels)
         return self._single(a, b, 5) + self._single(F.avg_pool2d(a, 4), F.avg_pool2d(b, 4), 4)
+
+
+# -- the GLO paper's Laplacian-pyramid L1 (model.glo.loss: lap1) ------------------------------------
+
+_TAPS = (1.0, 4.0, 6.0, 4.0, 1.0)  # Burt & Adelson's 5-tap binomial filter, /16
+
+
+def _blur(x: torch.Tensor, gain: float = 1.0) -> torch.Tensor:
+    """Separable 5x5 binomial blur of each channel, reflect padding (sizes >= 3)."""
+    c = x.shape[1]
+    k = x.new_tensor(_TAPS) / 16.0
+    x = F.pad(x, (2, 2, 2, 2), mode="reflect")
+    x = F.conv2d(x, (gain * k).view(1, 1, 1, 5).expand(c, 1, 1, 5), groups=c)
+    return F.conv2d(x, k.view(1, 1, 5, 1).expand(c, 1, 5, 1), groups=c)
+
+
+def _expand(g: torch.Tensor, shape) -> torch.Tensor:
+    """Burt & Adelson's EXPAND: zeros between the samples, the blur with gain 4, cut to `shape`."""
+    b, c, h, w = g.shape
+    up = g.new_zeros(b, c, 2 * h, 2 * w)
+    up[:, :, ::2, ::2] = g
+    return _blur(up, 4.0)[:, :, :shape[-2], :shape[-1]]
+
+
+def laplacian_pyramid(x: torch.Tensor, levels: int) -> list[torch.Tensor]:
+    """[L^0 (finest band) ... L^(levels-2), the low-pass G^(levels-1)]: G^(j+1) = REDUCE(G^j)
+    (blur, every second sample), L^j = G^j - EXPAND(G^(j+1)); the sum of EXPANDs gives x back."""
+    out, g = [], x
+    for _ in range(levels - 1):
+        down = _blur(g)[:, :, ::2, ::2]
+        out.append(g - _expand(down, g.shape))
+        g = down
+    out.append(g)
+    return out
+
+
+class LaplacianL1(nn.Module):
+    """(B,) Lap1 of GLO (Bojanowski et al. 2018): sum_j 2^(-2j) mean |L^j(a) - L^j(b)| over a
+    `levels`-level Laplacian pyramid, j = 0 the finest level, the low-pass residual the last; images
+    in [0, 1] compared as [-1, 1] like the VGG distance's pixel term. GLANN's paper names this loss
+    as GLO's; the official GLANN code ships no pyramid (its glo.py has `pyr.MS_Lap(4, 5)` commented
+    out), so the filter (5-tap binomial, reflect padding) and 4 levels are ours."""
+
+    def __init__(self, levels: int = 4):
+        super().__init__()
+        self.levels = levels
+
+    def forward(self, fake: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        n = fake.shape[0]
+        pa, pb = laplacian_pyramid(2 * fake - 1, self.levels), laplacian_pyramid(2 * real - 1, self.levels)
+        return sum(4.0 ** -j * (a - b).abs().reshape(n, -1).mean(1) for j, (a, b) in enumerate(zip(pa, pb)))

@@ -91,3 +91,62 @@ def sharded_nearest(codes: torch.Tensor, samples: torch.Tensor, backend: str = "
     order_idx = all_idx.T.reshape(-1)[:n]
     order_d2 = all_d2.T.reshape(-1)[:n]
     return order_idx, order_d2
+
+
+class StreamingNearest:
+    """The nearest sample of each query under L2 when the samples come in chunks and are never all
+    held (pixel IMLE under LPIPS: a 32 px image's LPIPS vector has 124,928 numbers). The queries
+    are cut into fixed blocks of `block` rows and rank r keeps blocks r, r + W, ... with their
+    running best; a chunk's distances to a block are one float32 matrix product of the same
+    shapes and inputs on any world size, so the assignment does not depend on it (ties, and
+    float32 near-ties, go to the lowest sample index: a later chunk wins only when strictly nearer).
+    Usage: `set_queries(fn)` with fn(rows) -> their vectors, `add(chunk)` per chunk in sample
+    order, then `result()` (on every rank: the whole assignment in query order)."""
+
+    def __init__(self, n: int, block: int = 256):
+        self.n, self.block = n, block
+        self.world, self.rank = dist.world_size(), dist.rank()
+        self.nblocks = -(-n // block)
+        self.mine = list(range(self.rank, self.nblocks, self.world))
+        self.q, self.qn, self.best_d, self.best_i = {}, {}, {}, {}
+        self.seen = 0
+
+    def rows(self, b: int) -> torch.Tensor:
+        return torch.arange(b * self.block, min(self.n, (b + 1) * self.block))
+
+    def set_queries(self, fn) -> None:
+        for b in self.mine:
+            q = fn(self.rows(b)).float()
+            self.q[b], self.qn[b] = q, q.pow(2).sum(1)
+
+    def reset(self) -> None:
+        self.seen = 0
+        for b in self.mine:
+            self.best_d[b] = torch.full((len(self.q[b]),), float("inf"), device=self.q[b].device)
+            self.best_i[b] = torch.zeros(len(self.q[b]), dtype=torch.long, device=self.q[b].device)
+
+    @torch.no_grad()
+    def add(self, chunk: torch.Tensor) -> None:
+        s = chunk.float()
+        sn = s.pow(2).sum(1)
+        for b in self.mine:
+            d = (self.qn[b].unsqueeze(1) + sn.unsqueeze(0) - 2.0 * (self.q[b] @ s.T)).clamp_min(0)
+            v, i = d.min(1)  # the first minimum within the chunk
+            better = v < self.best_d[b]
+            self.best_d[b] = torch.where(better, v, self.best_d[b])
+            self.best_i[b] = torch.where(better, i + self.seen, self.best_i[b])
+        self.seen += len(s)
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        per = -(-self.nblocks // self.world)  # blocks per rank, padded to the same count
+        dev = next(iter(self.q.values())).device if self.q else torch.device("cpu")
+        idx = torch.full((per, self.block), -1, dtype=torch.long, device=dev)
+        d2 = torch.zeros(per, self.block, dtype=torch.float32, device=dev)
+        for j, b in enumerate(self.mine):
+            k = len(self.best_i[b])
+            idx[j, :k], d2[j, :k] = self.best_i[b], self.best_d[b]
+        all_idx = dist.all_gather_cat(idx.reshape(-1)).view(self.world, per, self.block)
+        all_d2 = dist.all_gather_cat(d2.reshape(-1)).view(self.world, per, self.block)
+        # rank r's j-th block is block r + j * world
+        order = all_idx.transpose(0, 1).reshape(-1)[:self.n], all_d2.transpose(0, 1).reshape(-1)[:self.n]
+        return order[0], order[1].double()
