@@ -307,3 +307,38 @@ def test_two_ranks_give_the_assignment_of_one(tmp_path, backend):
     codes, samples = torch.randn(1001, 32, generator=g), torch.randn(2002, 32, generator=g)
     assert torch.equal(out[1][0], out[2][0]) and torch.equal(out[1][0], brute_force(codes, samples))
     assert torch.equal(out[1][1], out[2][1])
+
+
+def test_auto_picks_faiss_on_the_cpu_and_torch_on_cuda_without_a_gpu_faiss():
+    """No GPU here: on a CUDA device, `auto` must not send the search through a CPU FAISS (a copy
+    of everything to the host); faiss-cpu has no StandardGpuResources."""
+    from framework.models.glann.search import faiss_gpu_available, pick_backend
+
+    assert pick_backend("auto", torch.device("cpu")) == ("faiss" if faiss_available() else "torch")
+    assert not faiss_gpu_available()
+    assert pick_backend("auto", torch.device("cuda", 0)) == "torch"
+    assert pick_backend("faiss", torch.device("cuda", 0)) == "faiss"
+
+
+@pytest.mark.parametrize("cls,shape", [("BatchNorm1d", (16, 8)), ("BatchNorm2d", (4, 8, 5, 5))])
+def test_batchnorm_computes_in_float32_under_bf16_parameters(cls, shape):
+    """DeepSpeed's bf16 engines cast parameters, not buffers: the layer must take bf16 inputs and
+    weights with float32 running statistics, and match torch's layer in float32."""
+    import framework.models.glann.networks as nets
+
+    torch.manual_seed(0)
+    ours, ref = getattr(nets, cls)(8), getattr(nn, cls)(8)
+    with torch.no_grad():
+        ref.weight.uniform_(0.5, 1.5)
+        ref.bias.uniform_(-0.5, 0.5)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(*shape)
+    assert torch.equal(ours(x), ref(x))  # float32: torch's own layer
+    ours.weight.data, ours.bias.data = ours.weight.data.bfloat16(), ours.bias.data.bfloat16()
+    y = ours(x.bfloat16())
+    want = ref(x.bfloat16().float())
+    assert y.dtype == torch.bfloat16 and ours.running_mean.dtype == torch.float32
+    assert torch.allclose(y.float(), want, atol=0.05)
+    assert torch.allclose(ours.running_mean, ref.running_mean, atol=1e-2) and ours.num_batches_tracked == 2
+    ours.eval(), ref.eval()
+    assert torch.allclose(ours(x.bfloat16()).float(), ref(x.bfloat16().float()), atol=0.05)

@@ -136,7 +136,7 @@ def glo_run(beton, tmp_path_factory):
 
 
 def test_reconstructions_get_closer_to_their_images(glo_run):
-    """Measured here: reconstruction L1 (in [-1, 1]) 0.873 at step 1, 0.091 over steps 81-85 (5 epochs)."""
+    """Measured here: reconstruction L1 (in [-1, 1]) 0.972 at step 1, 0.091 over steps 81-85 (5 epochs)."""
     d = glo_run
     rows = [m for m in metrics(d) if "rec_l1" in m]
     first, last = rows[0]["rec_l1"], np.mean([m["rec_l1"] for m in rows[-5:]])
@@ -216,8 +216,8 @@ def test_the_checkpointed_assignment_is_each_codes_nearest_sample_and_resumes_ex
 
 def test_imle_pulls_the_mapped_samples_towards_the_codes(beton, glo_run, tmp_path):
     """Measured here: the mean squared distance from each code to its nearest mapped sample falls
-    from 3.36 (round 0, T untrained) to 1.20 in round 11 (12 rounds of 16 steps); 500 samples
-    G(T(e)) score 265 in the digit classifier's features, an untrained model's 1,966."""
+    from 3.35 (round 0, T untrained) to 1.13 in round 11 (12 rounds of 16 steps); 500 samples
+    G(T(e)) score 266 in the digit classifier's features, an untrained model's 1,966."""
     d = tmp_path / "run"
     run_train(IMLE, imle(beton, glo_run, f"run.dir={d}", "train.steps=192", "data.batch_size=16"))
     by_round = {}
@@ -361,8 +361,9 @@ def test_pixel_imle_under_lpips_gives_the_same_run_on_two_ranks(beton, tmp_path)
     runs = {}
     for nproc in (1, 2):
         runs[nproc] = tmp_path / f"w{nproc}"
-        run_train(PIXELS, pixels(beton, f"run.dir={runs[nproc]}", "train.steps=6", "model.imle.refresh_every=3",
-                                 "model.imle.distance=lpips", f"engine.grad_accum={3 - nproc}"), nproc=nproc)
+        run_train(PIXELS, pixels(beton, f"run.dir={runs[nproc]}", "train.steps=4", "model.imle.refresh_every=2",
+                                 "model.imle.samples_per_code=1", "model.imle.distance=lpips",
+                                 f"engine.grad_accum={3 - nproc}"), nproc=nproc)
     assert_same_losses(runs[1], runs[2], IMLE_KEYS)
     rows = [m for m in metrics(runs[1]) if "nn_distance" in m]
     assert rows[0]["round"] == 0 and rows[-1]["round"] == 1 and rows[0]["nn_distance"] > 0
@@ -370,9 +371,9 @@ def test_pixel_imle_under_lpips_gives_the_same_run_on_two_ranks(beton, tmp_path)
 
 def test_pixel_imle_pulls_the_generated_samples_towards_the_images(beton, tmp_path):
     """Measured here: the mean squared L2 (in [-1, 1], summed over the 1,024 pixels) from each image
-    to its nearest generated sample: 860 in round 0, 133 in round 7 (8 epochs of 16 steps)."""
+    to its nearest generated sample: 860 in round 0, 156 in round 3 (4 epochs of 16 steps; 133 after 8)."""
     d = tmp_path / "run"
-    run_train(PIXELS, pixels(beton, f"run.dir={d}", "train.steps=128", "data.batch_size=16"))
+    run_train(PIXELS, pixels(beton, f"run.dir={d}", "train.steps=64", "data.batch_size=16"))
     by_round = {m["round"]: m["nn_distance"] for m in metrics(d) if "round" in m}
     print("pixel nn_distance by round:", by_round)
-    assert len(by_round) == 8 and by_round[7] < 0.6 * by_round[0]
+    assert len(by_round) == 4 and by_round[3] < 0.4 * by_round[0]

@@ -2,7 +2,7 @@
 # What holds on a CUDA machine, in under 5 minutes on one GPU: no arguments, nothing to set up
 # beyond `make setup`. One line per check: its name, its figure, PASS / FAIL / SKIP; the logs
 # of every check stay in $GPU_CHECK_DIR (default: a fresh temporary folder, printed first).
-# (Its train-1, resume-1, train-2, vqgan and pggan blocks were run on a CPU with gloo; the rest needs CUDA.)
+# (Its train-1, resume-1, train-2, vqgan, pggan and glann's training runs were run on a CPU with gloo; the rest needs CUDA.)
 #
 #   device-map   the CUDA process group (cpu:gloo,cuda:nccl): all-reduce of a CPU and a CUDA tensor,
 #                an object broadcast, through framework.distributed's helpers
@@ -27,6 +27,9 @@
 #                loss difference), then bf16 on ZeRO-2 (finite)
 #   pggan-step   tools/bench/pggan_step.py on CUDA: the official 256 px networks' step at 64 and 256 px
 #                (images/s, the double backward's share)
+#   glann        1 rank on nccl: a tiny GLO run (bf16, ZeRO-3, VGG distance with random weights), then
+#                IMLE over its codes (the search on the GPU through torch); a 20k x 40k nearest-neighbour
+#                search on CUDA against the CPU's answer (seconds, equal assignments)
 #   profile      tools/profile_sampling.py on CUDA: celebahq256 at random weights, plain vs fast path
 #   noise        one training step's latent noise for celebahq256 (batch 4) drawn on the GPU (ms)
 #   xformers     memory-efficient attention on CUDA, when xformers is installed
@@ -213,6 +216,28 @@ ips={k: v.get('images_per_sec') for k, v in r['results'].items() if k.endswith('
 print(' | '.join(f'{k.split(\"_\")[0]} {v} img/s' for k, v in ips.items()), '| double bw', r['double_backward_share_of_step'])")
   line pggan-step "$fig" PASS
 else line pggan-step "$(tail -1 "$OUT/pggan-step.log" | cut -c1-58)" FAIL; fi
+
+# -- glann -----------------------------------------------------------------------------------------
+GL="data.path=$BETON data.batch_size=16 train.steps=6 train.log_every=1 train.progress=false train.sample_every=6
+    train.checkpoint_every=0"
+if timeout 240 $PY -m framework.train recipes/glann/mnist5k_smoke_glo.yaml $GL model.glo.vgg_weights=random \
+     run.dir="$OUT/glo" engine.zero_stage=3 engine.precision=bf16 >"$OUT/glann.log" 2>&1 \
+   && timeout 240 $PY -m framework.train recipes/glann/mnist5k_smoke_imle.yaml $GL model.glo_run="$OUT/glo" \
+     model.imle.refresh_every=3 run.dir="$OUT/imle" >>"$OUT/glann.log" 2>&1; then
+  fig=$($PY -c "
+import json, math, sys, time, torch
+from framework.models.glann.search import nearest
+r = [json.loads(l) for l in open('$OUT/imle/metrics.jsonl') if 'nn_distance' in l]
+g = torch.Generator().manual_seed(0)
+q, p = torch.randn(20000, 64, generator=g), torch.randn(40000, 64, generator=g)
+nearest(q[:10].cuda(), p[:10].cuda(), 'torch')
+t0 = time.perf_counter(); a, _ = nearest(q.cuda(), p.cuda(), 'torch'); torch.cuda.synchronize(); t = time.perf_counter() - t0
+b, _ = nearest(q, p, 'torch')
+same = torch.equal(a.cpu(), b)
+print(f'GLO bf16 Z3, IMLE {len(r)} steps; 20k x 40k search {t:.2f} s, = CPU: {same}')
+sys.exit(0 if same and len(r) == 6 and all(math.isfinite(m['loss']) for m in r) else 1)") && st=PASS || st=FAIL
+  line glann "$fig" "$st"
+else line glann "$(grep -m1 -i 'error' "$OUT/glann.log" | cut -c1-58)" FAIL; fi
 
 # -- profile ---------------------------------------------------------------------------------------
 if timeout 200 $PY tools/profile_sampling.py recipes/nvae/celebahq256.yaml --batch-sizes 1,8 --repeats 3 \

@@ -19,6 +19,7 @@ resized from two threads at once.
 from __future__ import annotations
 
 import atexit
+import sys
 import time
 import weakref
 from contextlib import contextmanager
@@ -44,9 +45,25 @@ def torch_threads_kept():
             torch.set_num_threads(n)
 
 
+def _cache_numba_typed_dicts() -> None:
+    """FFCV's import fills a numba typed Dict (ffcv.fields.rgb_image's IMAGE_MODES), which compiles
+    numba's typed-dict functions: about 2.5 s of every process that reads a .beton. Those functions
+    do not depend on FFCV or on us, so they are compiled once and cached on disk by numba (beside
+    numba's own sources, or its user-wide cache where that is read-only) for every later process."""
+    import numba.typed.typeddict as td
+
+    for name in ("_make_dict", "_length", "_setitem", "_getitem", "_delitem", "_contains", "_get", "_setdefault",
+                 "_iter", "_popitem", "_copy"):
+        fn = getattr(td, name, None)
+        if fn is not None and hasattr(fn, "enable_caching") and not fn.signatures:
+            fn.enable_caching()
+
+
 def import_ffcv() -> None:
     """Imports FFCV (its import sets torch's threads to 1: undone) and makes its Compiler set the
     threads of its own numba kernels only. Call before any other use of ffcv."""
+    if "ffcv" not in sys.modules:
+        _cache_numba_typed_dicts()
     with torch_threads_kept():
         from ffcv.pipeline.compiler import Compiler
     if getattr(Compiler, "_torch_threads_left_alone", False):

@@ -102,8 +102,10 @@ def main() -> None:
         print(f"error: --cases: {bad[0]!r} is not one of {', '.join(CASES)}" if bad else
               "error: --repeats must be at least 1", file=sys.stderr)
         sys.exit(2)
+    from framework.eval.sampling import _cpu_name
+
     out = {"bench": "glo_table", "torch": torch.__version__, "threads": torch.get_num_threads(),
-           "cpu": platform.processor() or platform.machine(), "precision": "fp32", "repeats": a.repeats,
+           "cpu": _cpu_name(), "machine": platform.machine(), "precision": "fp32", "repeats": a.repeats,
            "vgg_weights": "random", "results": [run_case(c, a.repeats) for c in names]}
     print(json.dumps(out, indent=1))
 

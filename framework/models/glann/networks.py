@@ -28,6 +28,34 @@ from torch import nn
 from torch.nn import functional as F
 
 
+class _Float32Stats:
+    """BatchNorm computed in float32 whatever the engine's precision: DeepSpeed's bf16 engines cast
+    the parameters to bf16 but keep the buffers (running statistics) in float32, which torch's
+    batch_norm refuses to mix. In float32 the layer is torch's own (same names, same outputs)."""
+
+    def forward(self, x):
+        if x.dtype == torch.float32 and (self.weight is None or self.weight.dtype == torch.float32):
+            return super().forward(x)
+        self._check_input_dim(x)
+        use_batch = self.training or not self.track_running_stats
+        if self.training and self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+        momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+        keep = not self.training or self.track_running_stats
+        w = self.weight.float() if self.weight is not None else None
+        b = self.bias.float() if self.bias is not None else None
+        return F.batch_norm(x.float(), self.running_mean if keep else None, self.running_var if keep else None,
+                            w, b, use_batch, momentum, self.eps).to(x.dtype)
+
+
+class BatchNorm1d(_Float32Stats, nn.BatchNorm1d):
+    pass
+
+
+class BatchNorm2d(_Float32Stats, nn.BatchNorm2d):
+    pass
+
+
 def official_init(m: nn.Module) -> None:
     """model.weights_init: Xavier-normal with gain sqrt(2) for Linear and Conv*, N(0, 0.01) for Embedding."""
     if isinstance(m, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)):
@@ -49,11 +77,11 @@ class Generator(nn.Module):
         self.nz, self.size, self.channels, self.do_bn = nz, size, channels, do_bn
         self.dim_im = 128 * (size // 4) ** 2
         self.lin_in = nn.Linear(nz, 1024, bias=False)
-        self.bn_in = nn.BatchNorm1d(1024)  # defined and never used, as the official
+        self.bn_in = BatchNorm1d(1024)  # defined and never used, as the official
         self.lin_im = nn.Linear(1024, self.dim_im, bias=False)
-        self.bn_im = nn.BatchNorm1d(self.dim_im)
+        self.bn_im = BatchNorm1d(self.dim_im)
         self.conv1 = nn.ConvTranspose2d(128, 64, 4, 2, 1, bias=True)
-        self.bn_conv = nn.BatchNorm2d(64)
+        self.bn_conv = BatchNorm2d(64)
         self.conv2 = nn.ConvTranspose2d(64, channels, 4, 2, 1, bias=True)
         self.apply(official_init)
 
@@ -80,11 +108,11 @@ class DeepGenerator(nn.Module):
         self.width = width
         self.lin_in = nn.Linear(nz, 1024, bias=False)
         self.lin_im = nn.Linear(1024, width * 16, bias=False)
-        self.bn_im = nn.BatchNorm1d(width * 16)
+        self.bn_im = BatchNorm1d(width * 16)
         ups, cin = [], width
         for k in range(steps - 1):
             cout = max(min_width, width // 2 ** (k + 1))
-            ups += [nn.ConvTranspose2d(cin, cout, 4, 2, 1, bias=True), nn.BatchNorm2d(cout), nn.LeakyReLU(0.2)]
+            ups += [nn.ConvTranspose2d(cin, cout, 4, 2, 1, bias=True), BatchNorm2d(cout), nn.LeakyReLU(0.2)]
             cin = cout
         self.ups = nn.Sequential(*ups)
         self.to_image = nn.ConvTranspose2d(cin, channels, 4, 2, 1, bias=True)
@@ -117,9 +145,9 @@ class Mapping(nn.Module):
         super().__init__()
         self.noise, self.nz = noise, nz
         self.lin1 = nn.Linear(noise, hidden, bias=False)
-        self.bn1 = nn.BatchNorm1d(hidden)
+        self.bn1 = BatchNorm1d(hidden)
         self.lin2 = nn.Linear(hidden, hidden, bias=False)
-        self.bn2 = nn.BatchNorm1d(hidden)
+        self.bn2 = BatchNorm1d(hidden)
         self.lin_out = nn.Linear(hidden, nz, bias=False)
 
     def forward(self, e: torch.Tensor) -> torch.Tensor:

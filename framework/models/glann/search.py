@@ -1,9 +1,9 @@
 """IMLE's exact nearest-neighbour search: for every GLO code, the nearest of the mapped noise
 samples under L2 (the official icp.py: faiss.IndexFlatL2 over the samples, searched with the codes).
 
-Both backends find candidates in float32 — FAISS's flat index (`faiss-cpu`; its GPU index is not
-used: a flat search is one matrix product either way) or chunked torch matrix products (on the
-codes' device, no extra dependency) — then re-rank each code's `refine` best candidates in
+Both backends find candidates in float32 — FAISS's flat index (`faiss-cpu`'s IndexFlatL2; with
+codes on a CUDA device and a FAISS built with GPU support, its GpuIndexFlatL2 on that device) or
+chunked torch matrix products (on the codes' device, no extra dependency) — then re-rank each code's `refine` best candidates in
 float64, ties to the lowest sample index. So the two backends give the same assignment (a float32
 near-tie can order two candidates either way; the float64 re-ranking settles it the same way), and
 it is the brute-force float64 answer unless the true nearest sample is not among a code's
@@ -42,11 +42,37 @@ def _candidates_torch(queries: torch.Tensor, points: torch.Tensor, k: int, chunk
     return torch.cat(out) if out else torch.zeros(0, k, dtype=torch.long, device=queries.device)
 
 
+def faiss_gpu_available() -> bool:
+    """A FAISS built with GPU support (faiss-gpu), and a CUDA device."""
+    try:
+        faiss = importlib.import_module("faiss")
+    except ImportError:
+        return False
+    return hasattr(faiss, "StandardGpuResources") and torch.cuda.is_available() and faiss.get_num_gpus() > 0
+
+
+def pick_backend(requested: str, device: torch.device) -> str:
+    """`auto`: FAISS where it searches on the codes' device (on the CPU; on CUDA when it has GPU
+    support), else torch's products on that device (on CUDA: a CPU FAISS would copy everything
+    to the host and search there, slower than the GPU's matrix products)."""
+    if requested != "auto":
+        return requested
+    if torch.device(device).type == "cuda":
+        return "faiss" if faiss_gpu_available() else "torch"
+    return "faiss" if faiss_available() else "torch"
+
+
 def _candidates_faiss(queries: torch.Tensor, points: torch.Tensor, k: int) -> torch.Tensor:
     import faiss
     import numpy as np
 
-    index = faiss.IndexFlatL2(points.shape[1])
+    if queries.is_cuda and faiss_gpu_available():
+        res = faiss.StandardGpuResources()
+        cfg = faiss.GpuIndexFlatConfig()
+        cfg.device = queries.device.index or 0
+        index = faiss.GpuIndexFlatL2(res, points.shape[1], cfg)
+    else:
+        index = faiss.IndexFlatL2(points.shape[1])
     index.add(np.ascontiguousarray(points.detach().float().cpu().numpy()))
     _, idx = index.search(np.ascontiguousarray(queries.detach().float().cpu().numpy()), k)
     return torch.from_numpy(idx).to(queries.device)

@@ -49,7 +49,7 @@ class IMLEConfig:
     weight_decay: float = 1.0e-5  # torch.optim.Adam's (L2 in the gradient), as official
     decay_epochs: int = 50
     decay_rate: float = 0.5
-    backend: str = "auto"  # auto (faiss when it imports, else torch) | faiss | torch
+    backend: str = "auto"  # auto (faiss on the CPU when it imports; on CUDA faiss-gpu, else torch) | faiss | torch
     refine: int = 8  # float32 candidates re-ranked in float64 per code
     distance: str = "l2"  # imle_pixels: l2 (pixels in [-1, 1]) | lpips
     lpips: LPIPSConfig = field(default_factory=LPIPSConfig)  # imle_pixels with distance lpips
@@ -250,9 +250,9 @@ class _IMLE(Task):
         self.cfg = recipe.model.imle
         if self.cfg.backend not in ("auto", "faiss", "torch"):
             raise UserError(f"key 'model.imle.backend' is {self.cfg.backend!r}; expected auto, faiss or torch")
-        from .search import faiss_available
+        from .search import faiss_available, pick_backend
 
-        self.backend = ("faiss" if faiss_available() else "torch") if self.cfg.backend == "auto" else self.cfg.backend
+        self.backend = pick_backend(self.cfg.backend, env.device if hasattr(env, "device") else "cpu")
         if self.backend == "faiss" and not faiss_available():
             raise UserError("key 'model.imle.backend' is faiss but faiss does not import (pip install faiss-cpu)")
         self.refresh_every = self.cfg.refresh_every or self.steps_per_epoch
