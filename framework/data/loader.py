@@ -56,7 +56,10 @@ def _cache_numba_typed_dicts() -> None:
                  "_iter", "_popitem", "_copy"):
         fn = getattr(td, name, None)
         if fn is not None and hasattr(fn, "enable_caching") and not fn.signatures:
-            fn.enable_caching()
+            try:
+                fn.enable_caching()
+            except RuntimeError:  # numba finds no writable cache folder: compile in memory as before
+                return
 
 
 def import_ffcv() -> None:
