@@ -12,6 +12,12 @@ copy moves too). The table is a parameter like any other: ZeRO shards it.
 
 Samples of the GLO stage alone are the official visualize()'s "gaussian" grid: codes drawn from a
 Gaussian fitted to the table (its mean and covariance), normalised, through G.
+
+IMLE (`model.stage: imle`, IMLETask) learns the official mapping T from noise to the GLO run's
+codes; pixel IMLE (`model.stage: imle_pixels`, PixelIMLETask) learns a generator straight from
+noise to the training images under L2 or LPIPS. Both share _IMLE: the seeded refresh rounds, the
+exact nearest-neighbour assignment over the ranks (search.py) and its place in the task state.
+Every stage also walks between codes (`interpolate`, tools/sample.py's second grid).
 """
 from __future__ import annotations
 
