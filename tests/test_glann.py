@@ -324,7 +324,7 @@ def test_auto_picks_faiss_on_the_cpu_and_torch_on_cuda_without_a_gpu_faiss():
 def test_batchnorm_computes_in_float32_under_bf16_parameters(cls, shape):
     """DeepSpeed's bf16 engines cast parameters, not buffers: the layer must take bf16 inputs and
     weights with float32 running statistics, and match torch's layer in float32."""
-    import framework.models.glann.networks as nets
+    import framework.models.layers as nets
 
     torch.manual_seed(0)
     ours, ref = getattr(nets, cls)(8), getattr(nn, cls)(8)

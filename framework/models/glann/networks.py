@@ -27,33 +27,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-
-class _Float32Stats:
-    """BatchNorm computed in float32 whatever the engine's precision: DeepSpeed's bf16 engines cast
-    the parameters to bf16 but keep the buffers (running statistics) in float32, which torch's
-    batch_norm refuses to mix. In float32 the layer is torch's own (same names, same outputs)."""
-
-    def forward(self, x):
-        if x.dtype == torch.float32 and (self.weight is None or self.weight.dtype == torch.float32):
-            return super().forward(x)
-        self._check_input_dim(x)
-        use_batch = self.training or not self.track_running_stats
-        if self.training and self.track_running_stats:
-            self.num_batches_tracked.add_(1)
-        momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-        keep = not self.training or self.track_running_stats
-        w = self.weight.float() if self.weight is not None else None
-        b = self.bias.float() if self.bias is not None else None
-        return F.batch_norm(x.float(), self.running_mean if keep else None, self.running_var if keep else None,
-                            w, b, use_batch, momentum, self.eps).to(x.dtype)
-
-
-class BatchNorm1d(_Float32Stats, nn.BatchNorm1d):
-    pass
-
-
-class BatchNorm2d(_Float32Stats, nn.BatchNorm2d):
-    pass
+from ..layers import BatchNorm1d, BatchNorm2d
 
 
 def official_init(m: nn.Module) -> None:

@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..layers import BatchNorm2d
+
 
 def group_norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
@@ -190,20 +192,6 @@ class Decoder(nn.Module):
         a = swish(self.norm_out(h))
         out = self.conv_out(a)
         return (out, a) if return_last_input else out
-
-
-class BatchNorm2d(nn.BatchNorm2d):
-    """nn.BatchNorm2d (same parameters, buffers and names) computed in float32 whatever the
-    engine's precision: a bf16 engine casts the weights, and DeepSpeed's ZeRO-3 leaves the
-    running statistics in float32 beside them; the statistics are float32 on every stage."""
-
-    def forward(self, x):
-        if self.running_mean.dtype != torch.float32:  # an engine cast the buffers: keep them float32
-            self.running_mean, self.running_var = self.running_mean.float(), self.running_var.float()
-        if self.training:
-            self.num_batches_tracked.add_(1)
-        return F.batch_norm(x.float(), self.running_mean, self.running_var, self.weight.float(), self.bias.float(),
-                            self.training, self.momentum, self.eps).to(x.dtype)
 
 
 class NLayerDiscriminator(nn.Module):
